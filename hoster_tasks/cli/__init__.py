@@ -1,0 +1,1 @@
+"""The `hoster-tasks` command line."""

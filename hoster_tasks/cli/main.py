@@ -1,0 +1,221 @@
+"""`hoster-tasks`: Hoster's snapshot and replication commands, run as Celery jobs.
+
+Commands enqueue a task and wait for its result (`--no-wait` prints the task id instead). Errors are one
+line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hoster_tasks.names import SNAPSHOT_TYPES
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value}): keeping nothing is not a retention")
+    return value
+
+
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-wait", action="store_true", help="print the task id and return at once")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hoster-tasks", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="group", required=True)
+
+    snap = sub.add_parser("snapshot", help="take, list and destroy VM snapshots").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = snap.add_parser("new", help="snapshot one VM")
+    p.add_argument("vm")
+    p.add_argument("--stype", default="custom", choices=SNAPSHOT_TYPES)
+    p.add_argument("--keep", type=_positive_int)
+    _add_wait(p)
+    p = snap.add_parser("all", help="snapshot every VM on every live node, then apply retention")
+    p.add_argument("--stype", required=True, choices=SNAPSHOT_TYPES)
+    p.add_argument("--keep", required=True, type=_positive_int)
+    p.add_argument("--node", help="only this node")
+    _add_wait(p)
+    p = snap.add_parser("list", help="snapshots of one VM")
+    p.add_argument("vm")
+    p.add_argument("--json", action="store_true")
+    p = snap.add_parser("list-all", help="snapshots of every VM on every live node")
+    p.add_argument("--json", action="store_true")
+    p = snap.add_parser("destroy", help="destroy one snapshot (dataset@name)")
+    p.add_argument("snapshot")
+    _add_wait(p)
+
+    vm = sub.add_parser("vm", help="replication").add_subparsers(dest="cmd", required=True)
+    p = vm.add_parser("replicate", help="replicate one VM to an endpoint (full, then incremental)")
+    p.add_argument("vm")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--speed-limit", type=float, help="MB/s")
+    _add_wait(p)
+    p = vm.add_parser("replicate-all", help="replicate every VM of the nodes that have this endpoint")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--filter", help="comma-separated VM names")
+    p.add_argument("--speed-limit", type=float, help="MB/s")
+    p.add_argument("--script-name", help="names the ERROR_<name> file (as in Hoster's scripts)")
+    p.add_argument("--node", help="only this node")
+    _add_wait(p)
+
+    p = sub.add_parser("worker", help="run this node's Celery worker")
+    p.add_argument("-c", "--concurrency", type=int, default=4)
+    p.add_argument("-l", "--loglevel", default="INFO")
+    p = sub.add_parser("beat", help="run Celery beat with the schedule from beat_schedule.py and settings")
+    p.add_argument("-l", "--loglevel", default="INFO")
+    p = sub.add_parser("flower", help="run Flower against the broker (auth required)")
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--address", default="127.0.0.1")
+    p.add_argument("--basic-auth", help="user:password (or FLOWER_BASIC_AUTH)")
+    p = sub.add_parser("status", help="nodes, VMs, lag, running jobs, locks, last errors")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("metrics", help="print Prometheus metrics, or write a node_exporter textfile")
+    p.add_argument("--textfile", help="write atomically to this path instead of stdout")
+    return parser
+
+
+def _print(data: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    print(json.dumps(data, indent=2, default=str) if as_json else render(data))
+
+
+def _wait(result: Any, args: argparse.Namespace, timeout: float) -> Any:
+    if args.no_wait:
+        print(result.id)
+        return None
+    from hoster_tasks.cli.progress import wait_with_progress
+
+    return wait_with_progress(result, timeout)
+
+
+def _summary(result: dict[str, Any]) -> str:
+    lines = [f"taken: {s}" for s in result.get("taken", [])]
+    lines += [f"destroyed: {s}" for s in result.get("destroyed", [])]
+    lines += [f"kept (protected): {s}" for s in result.get("spared", [])]
+    return "\n".join(lines) or "nothing to do"
+
+
+def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads best here
+    from hoster_tasks.settings import get_settings
+
+    settings = get_settings()
+    if args.group == "worker":
+        from hoster_tasks.worker import run_worker
+
+        run_worker(args.concurrency, args.loglevel)
+        return 0
+    if args.group == "beat":
+        from hoster_tasks.celery_app import app
+
+        app.start(["beat", "-l", args.loglevel])
+        return 0
+    if args.group == "flower":
+        from hoster_tasks.observability.flower import run_flower
+
+        return run_flower(args.address, args.port, args.basic_auth)
+    if args.group == "status":
+        from hoster_tasks.observability.status import collect_status, render_status
+
+        _print(collect_status(settings), args.json, render_status)
+        return 0
+    if args.group == "metrics":
+        from hoster_tasks.observability.metrics import collect_metrics, write_textfile
+
+        text = collect_metrics(settings)
+        if args.textfile:
+            write_textfile(args.textfile, text)
+        else:
+            sys.stdout.write(text)
+        return 0
+
+    from hoster_tasks.cli.table import snapshot_table
+    from hoster_tasks.client import Client
+
+    client = Client(settings)
+    timeout = settings.task_wait_seconds
+    if args.group == "snapshot":
+        if args.cmd == "new":
+            out = _wait(client.snapshot(args.vm, args.stype, args.keep), args, timeout)
+            if out is not None:
+                _print(out, args.json, _summary)
+        elif args.cmd == "all":
+            sent = client.snapshot_all(args.stype, args.keep, args.node)
+            for node, res in sent.items():
+                out = _wait(res, args, timeout)
+                if out is not None:
+                    _print(out, args.json, lambda o, n=node: f"[{n}]\n" + _summary(o))
+        elif args.cmd in ("list", "list-all"):
+            rows = client.list_snapshots(args.vm if args.cmd == "list" else None)
+            _print(rows, args.json, snapshot_table)
+        elif args.cmd == "destroy":
+            out = _wait(client.destroy(args.snapshot), args, timeout)
+            if out is not None:
+                _print(out, args.json, lambda o: o.get("note") or f"destroyed: {o['destroyed']}")
+        return 0
+    if args.group == "vm":
+        from hoster_tasks.cli.progress import replication_summary
+
+        if args.cmd == "replicate":
+            out = _wait(client.replicate(args.vm, args.endpoint, args.speed_limit), args, timeout)
+            if out is not None:
+                _print(out, args.json, replication_summary)
+        else:
+            vms = [v.strip() for v in args.filter.split(",") if v.strip()] if args.filter else None
+            sent = client.replicate_all(args.endpoint, vms, args.speed_limit, args.script_name, args.node)
+            failed = 0
+            for _node, res in sent.items():
+                out = _wait(res, args, timeout)
+                if out is not None:
+                    _print(out, args.json, replication_summary)
+                    failed += int(bool(out.get("failed")))
+            return EXIT_ERROR if failed else 0
+        return 0
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, no traceback
+        print(f"hoster-tasks: error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def describe_error(exc: BaseException) -> str:
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from hoster_tasks.errors import HosterTasksError
+
+    if isinstance(exc, redis.ConnectionError | OperationalError):
+        from hoster_tasks.settings import get_settings
+
+        url = get_settings().redis_url
+        safe = url.split("@")[-1] if "@" in url else url.split("//")[-1]
+        return f"cannot reach the broker (Redis at {safe}): {exc}"
+    if isinstance(exc, HosterTasksError):
+        return str(exc)
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    if isinstance(exc, CeleryTimeout):
+        return "timed out waiting for the task (it may still be running; see `hoster-tasks status`)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

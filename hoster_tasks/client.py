@@ -1,0 +1,117 @@
+"""Trigger hoster-tasks from other systems: tasks are sent by their public names, arguments validated first.
+
+    from hoster_tasks.client import Client
+    c = Client()                       # settings from HOSTER_* / HOSTER_CONFIG
+    r = c.snapshot("vm1", stype="custom", keep=5)
+    print(r.get(timeout=60))           # {'taken': [...], 'destroyed': [...], 'spared': [...]}
+    c.replicate("vm1", endpoint="hoster01", speed_limit=90).get()
+
+Public task names (stable): hoster.snapshot.take, .take_all, .fanout, .list, .destroy;
+hoster.replication.replicate, .replicate_all, .fanout. Each runs on the queue `hoster.node.<node>` of the node
+that holds the VM; the client finds that node in the node registry in Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from hoster_tasks import keys
+from hoster_tasks.errors import NoLiveNode, UnknownVM
+from hoster_tasks.names import validate_node_name, validate_snapshot, validate_stype, validate_vm
+from hoster_tasks.nodes import NodeInfo, live_nodes, locate_vm
+from hoster_tasks.policy.retention import check_keep
+from hoster_tasks.settings import Settings, get_settings
+
+TAKE = "hoster.snapshot.take"
+TAKE_ALL = "hoster.snapshot.take_all"
+LIST = "hoster.snapshot.list"
+DESTROY = "hoster.snapshot.destroy"
+REPLICATE = "hoster.replication.replicate"
+REPLICATE_ALL = "hoster.replication.replicate_all"
+
+
+def _check_speed(speed_limit: float | None) -> float | None:
+    if speed_limit is not None and speed_limit <= 0:
+        from hoster_tasks.errors import ConfigError
+
+        raise ConfigError(f"--speed-limit must be positive MB/s (got {speed_limit})")
+    return speed_limit
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
+        self.settings = settings or get_settings()
+        if app is None:
+            from hoster_tasks.celery_app import app as default_app
+
+            app = default_app
+        self.app = app
+        self.redis = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5)
+
+    def _send(self, name: str, node: str, *args: Any, **kwargs: Any) -> AsyncResult:
+        return self.app.send_task(name, args=list(args), kwargs=kwargs, queue=keys.node_queue(node))
+
+    def nodes(self) -> list[NodeInfo]:
+        nodes = live_nodes(self.redis)
+        if not nodes:
+            raise NoLiveNode("no live worker node is registered in Redis: start `hoster-tasks worker` on a node")
+        return nodes
+
+    def snapshot(self, vm: str, stype: str = "custom", keep: int | None = None) -> AsyncResult:
+        validate_vm(vm)
+        validate_stype(stype)
+        if keep is not None:
+            check_keep(keep)
+        node, _ = locate_vm(self.redis, vm)
+        return self._send(TAKE, node.name, vm, stype, keep)
+
+    def snapshot_all(self, stype: str, keep: int, node: str | None = None) -> dict[str, AsyncResult]:
+        validate_stype(stype)
+        check_keep(keep)
+        names = [validate_node_name(node)] if node else [n.name for n in self.nodes()]
+        return {n: self._send(TAKE_ALL, n, stype, keep) for n in names}
+
+    def list_snapshots(self, vm: str | None = None, timeout: float = 60) -> list[dict[str, Any]]:
+        if vm is not None:
+            node, _ = locate_vm(self.redis, vm)
+            return list(self._send(LIST, node.name, vm).get(timeout=timeout))
+        pending = [self._send(LIST, n.name) for n in self.nodes()]
+        return [row for r in pending for row in r.get(timeout=timeout)]
+
+    def destroy(self, snapshot: str) -> AsyncResult:
+        dataset, _ = validate_snapshot(snapshot)
+        for node in self.nodes():
+            if any(v.dataset == dataset for v in node.vms):
+                return self._send(DESTROY, node.name, snapshot)
+        raise UnknownVM(f"no live node holds dataset {dataset!r}")
+
+    def replicate(self, vm: str, endpoint: str, speed_limit: float | None = None) -> AsyncResult:
+        validate_vm(vm)
+        _check_speed(speed_limit)
+        node, _ = locate_vm(self.redis, vm)
+        return self._send(REPLICATE, node.name, vm, endpoint, speed_limit=speed_limit)
+
+    def replicate_all(
+        self,
+        endpoint: str,
+        vms: list[str] | None = None,
+        speed_limit: float | None = None,
+        script_name: str | None = None,
+        node: str | None = None,
+    ) -> dict[str, AsyncResult]:
+        for vm in vms or []:
+            validate_vm(vm)
+        _check_speed(speed_limit)
+        if script_name is not None:
+            validate_node_name(script_name)
+        names = [validate_node_name(node)] if node else [n.name for n in self.nodes() if endpoint in n.endpoints]
+        if not names:
+            raise NoLiveNode(f"no live node has endpoint {endpoint!r} configured as a target")
+        return {
+            n: self._send(REPLICATE_ALL, n, endpoint, vms=vms, speed_limit=speed_limit, script_name=script_name)
+            for n in names
+        }

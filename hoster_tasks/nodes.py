@@ -1,0 +1,131 @@
+"""Node registry: each worker publishes what it holds under a key that expires when its heartbeat stops.
+
+Beat's fan-out and the CLI find nodes and VMs here, so no node list is kept by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from hoster_tasks import keys
+from hoster_tasks.errors import NoLiveNode, UnknownVM
+from hoster_tasks.names import validate_vm, vm_of
+from hoster_tasks.settings import Settings
+from hoster_tasks.zfs import ops
+from hoster_tasks.zfs.shell import Shell
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    name: str
+    dataset: str
+    parent: str  # the node that owns the VM; differs from the node it is on for a backup copy
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    queue: str
+    last_seen: float
+    vms: tuple[VmInfo, ...] = field(default_factory=tuple)
+    endpoints: tuple[str, ...] = field(default_factory=tuple)  # target names and hosts
+
+    def local_vms(self) -> list[VmInfo]:
+        return [v for v in self.vms if v.parent == self.name]
+
+
+def inventory(shell: Shell, settings: Settings) -> list[VmInfo]:
+    """The VM datasets under the configured roots, with their parent node (one batched property read)."""
+    datasets = ops.child_datasets(shell, settings.datasets, settings.zfs_command)
+    props = ops.get_properties(shell, datasets, [ops.PARENT_PROPERTY], zfs=settings.zfs_command)
+    out = []
+    for ds in datasets:
+        vm = vm_of(ds, settings.datasets)
+        if vm is None:
+            continue
+        parent = props.get(ds, {}).get(ops.PARENT_PROPERTY, "-")
+        out.append(VmInfo(vm, ds, settings.node_name if parent in ("-", "") else parent))
+    return out
+
+
+def publish(client: redis.Redis, settings: Settings, vms: list[VmInfo], now: float) -> None:
+    key = keys.node(settings.node_name)
+    ttl = max(int(settings.heartbeat_seconds * keys.NODE_TTL_FACTOR), 2)
+    payload = {
+        "queue": keys.node_queue(settings.node_name),
+        "last_seen": str(now),
+        "vms": json.dumps([v.__dict__ for v in vms]),
+        "datasets": json.dumps(settings.datasets),
+        "endpoints": json.dumps(sorted({x for t in settings.targets for x in (t.name, t.host)})),
+    }
+    pipe = client.pipeline()
+    pipe.hset(key, mapping=payload)
+    pipe.expire(key, ttl)
+    pipe.sadd(keys.NODES_SET, settings.node_name)
+    pipe.execute()
+
+
+def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def live_nodes(client: redis.Redis) -> list[NodeInfo]:
+    out = []
+    for raw_name in sorted(client.smembers(keys.NODES_SET)):
+        name = raw_name.decode()
+        data = _decode(client.hgetall(keys.node(name)))  # type: ignore[arg-type]
+        if not data:
+            continue
+        vms = tuple(VmInfo(**v) for v in json.loads(data.get("vms", "[]")))
+        endpoints = tuple(json.loads(data.get("endpoints", "[]")))
+        out.append(NodeInfo(name, data["queue"], float(data["last_seen"]), vms, endpoints))
+    return out
+
+
+def known_nodes(client: redis.Redis) -> list[str]:
+    return sorted(n.decode() for n in client.smembers(keys.NODES_SET))
+
+
+def locate_vm(client: redis.Redis, vm: str) -> tuple[NodeInfo, VmInfo]:
+    """The live node that owns `vm` (a backup copy elsewhere does not count)."""
+    validate_vm(vm)
+    nodes = live_nodes(client)
+    if not nodes:
+        raise NoLiveNode("no live worker node is registered in Redis: start `hoster-tasks worker` on a node")
+    for node in nodes:
+        for info in node.vms:
+            if info.name == vm and info.parent == node.name:
+                return node, info
+    raise UnknownVM(f"unknown VM {vm!r}: no live node holds it (nodes: {', '.join(n.name for n in nodes)})")
+
+
+class Heartbeat:
+    """Re-publishes this node every `heartbeat_seconds` from a daemon thread."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, shell: Shell) -> None:
+        self.client, self.settings, self.shell = client, settings, shell
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="node-heartbeat", daemon=True)
+
+    def beat_once(self) -> None:
+        publish(self.client, self.settings, inventory(self.shell, self.settings), time.time())
+
+    def start(self) -> None:
+        self.beat_once()
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            try:
+                self.beat_once()
+            except Exception:  # noqa: BLE001 - a failed beat must not kill the thread; the key expires
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.client.delete(keys.node(self.settings.node_name))

@@ -1,0 +1,1 @@
+"""What operators watch: Sentry, metrics, status, error files."""

@@ -1,0 +1,95 @@
+"""Prometheus metrics from the state the tasks keep in Redis: text exposition / node_exporter textfile."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+import redis
+
+from hoster_tasks import keys
+from hoster_tasks.settings import Settings
+
+HELP = {
+    "hoster_tasks_last_snapshot_timestamp_seconds": ("gauge", "Time of the newest snapshot taken by hoster-tasks"),
+    "hoster_tasks_last_replication_success_timestamp_seconds": ("gauge", "Time of the last successful replication"),
+    "hoster_tasks_replication_bytes_total": ("counter", "Bytes sent by replications"),
+    "hoster_tasks_replication_duration_seconds": ("gauge", "Duration of the last successful replication"),
+    "hoster_tasks_replication_failures_total": ("counter", "Failed replication attempts"),
+    "hoster_tasks_replication_lag_seconds": ("gauge", "Age of the newest snapshot on the target"),
+    "hoster_tasks_replication_error": ("gauge", "1 while the last replication run failed"),
+    "hoster_tasks_node_last_heartbeat_timestamp_seconds": ("gauge", "Last heartbeat of a node's worker"),
+    "hoster_tasks_node_up": ("gauge", "1 while the node's heartbeat is fresh"),
+}
+
+
+def _label_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _line(name: str, labels: dict[str, str], value: float) -> str:
+    inner = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+    return f"{name}{{{inner}}} {value:g}"
+
+
+def _hashes(client: redis.Redis, pattern: str) -> Iterator[tuple[list[str], dict[str, str]]]:
+    for raw in client.scan_iter(match=pattern, count=500):
+        key = raw.decode()
+        data = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}  # type: ignore[union-attr]
+        yield key.split(":"), data
+
+
+def samples(client: redis.Redis, now: float) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {name: [] for name in HELP}
+    for parts, data in _hashes(client, keys.STATE_PATTERN):
+        node, dataset = parts[2], ":".join(parts[3:])
+        if "last_snapshot_time" in data:
+            out["hoster_tasks_last_snapshot_timestamp_seconds"].append(
+                _line("hoster_tasks_last_snapshot_timestamp_seconds", {"node": node, "dataset": dataset},
+                      float(data["last_snapshot_time"])))
+    for parts, data in _hashes(client, keys.REPLICATION_PATTERN):
+        node, target, dataset = parts[2], parts[-1], ":".join(parts[3:-1])
+        labels = {"node": node, "dataset": dataset, "target": target}
+        values = {
+            "hoster_tasks_last_replication_success_timestamp_seconds": data.get("last_success"),
+            "hoster_tasks_replication_bytes_total": data.get("bytes_total", "0"),
+            "hoster_tasks_replication_duration_seconds": data.get("duration"),
+            "hoster_tasks_replication_failures_total": data.get("failures", "0"),
+            "hoster_tasks_replication_error": data.get("error", "0"),
+        }
+        newest = float(data.get("target_newest_creation") or 0)
+        if newest:
+            values["hoster_tasks_replication_lag_seconds"] = str(max(now - newest, 0))
+        for name, value in values.items():
+            if value not in (None, ""):
+                out[name].append(_line(name, labels, float(value)))  # type: ignore[arg-type]
+    for raw in sorted(client.smembers(keys.NODES_SET)):
+        node = raw.decode()
+        seen = client.hget(keys.node(node), "last_seen")
+        out["hoster_tasks_node_up"].append(_line("hoster_tasks_node_up", {"node": node}, 1 if seen else 0))
+        if seen:
+            out["hoster_tasks_node_last_heartbeat_timestamp_seconds"].append(
+                _line("hoster_tasks_node_last_heartbeat_timestamp_seconds", {"node": node}, float(seen)))
+    return out
+
+
+def collect_metrics(settings: Settings, now: float | None = None) -> str:
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    lines = []
+    for name, rows in samples(client, time.time() if now is None else now).items():
+        kind, text = HELP[name]
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_textfile(path: str | os.PathLike[str], text: str) -> None:
+    """Atomic, as node_exporter's textfile collector requires (it may read at any moment)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".hoster_tasks.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)

@@ -1,0 +1,71 @@
+"""`hoster-tasks status`: per node and VM, last snapshot, last replication, lag, running jobs, locks, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from hoster_tasks import keys
+from hoster_tasks.cli.table import render
+from hoster_tasks.locks import held_locks
+from hoster_tasks.nodes import known_nodes, live_nodes
+from hoster_tasks.settings import Settings
+
+
+def _hash(client: redis.Redis, key: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in client.hgetall(key).items()}  # type: ignore[union-attr]
+
+
+def _age(ts: str | None, now: float) -> str:
+    if not ts:
+        return "never"
+    secs = int(now - float(ts))
+    return f"{secs // 3600}h{secs % 3600 // 60:02d}m ago" if secs >= 3600 else f"{secs // 60}m{secs % 60:02d}s ago"
+
+
+def collect_status(settings: Settings, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    live = {n.name: n for n in live_nodes(client)}
+    vms, running = [], []
+    for node in live.values():
+        for vm in node.vms:
+            state = _hash(client, keys.dataset_state(node.name, vm.dataset))
+            repl = {}
+            for raw in client.scan_iter(match=f"{keys.replication_state(node.name, vm.dataset, '')}*"):
+                target = raw.decode().rsplit(":", 1)[-1]
+                repl[target] = _hash(client, raw.decode())
+            vms.append({"node": node.name, "vm": vm.name, "dataset": vm.dataset, "parent": vm.parent,
+                        "last_snapshot": state.get("last_snapshot"),
+                        "last_snapshot_time": state.get("last_snapshot_time"), "replication": repl})
+        for task_id, raw in _hash(client, keys.running_jobs(node.name)).items():
+            running.append({"node": node.name, "task_id": task_id, **json.loads(raw)})
+    nodes = [{"node": n, "up": n in live, "last_seen": live[n].last_seen if n in live else None}
+             for n in known_nodes(client)]
+    return {"now": now, "nodes": nodes, "vms": vms, "running": running, "locks": held_locks(client)}
+
+
+def render_status(status: dict[str, Any]) -> str:
+    now = status["now"]
+    parts = [render("Hoster Nodes", ("Node", "Up", "Last Heartbeat"),
+                    [(n["node"], "yes" if n["up"] else "NO", _age(n["last_seen"], now)) for n in status["nodes"]])]
+    rows = []
+    for v in status["vms"]:
+        copy = "" if v["parent"] == v["node"] else f" (copy of {v['parent']})"
+        targets = v["replication"] or {"-": {}}
+        for target, r in targets.items():
+            lag = _age(r.get("target_newest_creation"), now) if r.get("target_newest_creation") else "-"
+            err = (r.get("last_error") or "")[:60] if r.get("error") == "1" else ""
+            rows.append((v["node"], v["vm"] + copy, _age(v["last_snapshot_time"], now), target,
+                         _age(r.get("last_success"), now) if r else "-", lag, err))
+    parts.append(render("Hoster VMs", ("Node", "VM", "Last Snapshot", "Target", "Last Replication", "Lag",
+                                       "Last Error"), rows))
+    jobs = [(j["node"], j["name"], ", ".join(map(str, j.get("args", []))), _age(str(j["started"]), now))
+            for j in status["running"]]
+    parts.append(render("Running Jobs", ("Node", "Task", "Args", "Started"), jobs or [("-", "-", "-", "-")]))
+    locks = [(k.split(":", 3)[2], k.split(":", 3)[3], f"{ttl:.0f}s") for k, ttl in status["locks"].items()]
+    parts.append(render("Held Locks", ("Node", "Dataset", "Lease Left"), locks or [("-", "-", "-")]))
+    return "\n".join(parts)

@@ -1,0 +1,1 @@
+"""Replication: the data path (pipeline) and the per-dataset run (replicator)."""

@@ -1,0 +1,265 @@
+"""One replication run from this node to one endpoint: list both sides once, plan, send, finish.
+
+Safety rules live here: a backup copy is never a source; a target owned by another node is never written;
+a diverged target is refused untouched; the new common base is recorded (and held where ZFS can) before
+anything is pruned, and is never pruned.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from hoster_tasks import keys
+from hoster_tasks.errors import Diverged, Permanent, SnapshotExists, SnapshotHeld, ZfsError, zfs_error
+from hoster_tasks.locks import DatasetLock, LockSpec
+from hoster_tasks.names import parse_snapshot_name
+from hoster_tasks.policy.planner import Action, Plan, Step, StepKind, plan_replication, target_prune
+from hoster_tasks.policy.retention import plan_retention
+from hoster_tasks.replication.pipeline import PipelineResult, Stage, run_pipeline
+from hoster_tasks.settings import Endpoint
+from hoster_tasks.snapshots import NodeContext
+from hoster_tasks.zfs import commands as cmd
+from hoster_tasks.zfs import ops
+from hoster_tasks.zfs.parse import Snapshot, parse_get, parse_send_size, snapshots_from_get
+from hoster_tasks.zfs.probe import Capabilities, probe
+from hoster_tasks.zfs.shell import Shell, SshShell
+
+ProgressFn = Callable[[dict[str, Any]], None]
+RESUME_TOKEN = "receive_resume_token"
+
+
+@dataclass(frozen=True)
+class Sides:
+    """Both sides' state for a set of datasets, from one listing per host."""
+
+    source: dict[str, list[Snapshot]]
+    source_props: dict[str, dict[str, str]]
+    target: dict[str, list[Snapshot] | None]  # None: the target dataset does not exist
+    target_props: dict[str, dict[str, str]]
+
+
+class Replicator:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        endpoint: Endpoint,
+        speed_limit: float | None = None,
+        progress: ProgressFn | None = None,
+        target_shell: Shell | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.speed_limit = speed_limit
+        self.progress = progress
+        self.target_shell: Shell = target_shell or SshShell(endpoint)
+        self.cancel = threading.Event()
+
+    @cached_property
+    def target_caps(self) -> Capabilities:
+        return probe(self.target_shell, self.ctx.zfs)
+
+    @property
+    def tag(self) -> str:
+        return ops.hold_tag(self.endpoint.name)
+
+    def close(self) -> None:
+        self.target_shell.close()
+
+    # -- locks ---------------------------------------------------------------------------------------
+    def locks(self, dataset: str, token: str | None = None) -> tuple[DatasetLock, DatasetLock]:
+        """Source and target dataset locks; either one lost stops the transfer."""
+        s = self.ctx.settings
+        src = DatasetLock(self.ctx.redis, LockSpec(s.node_name, dataset, s.lock_lease_seconds, s.lock_wait_seconds))
+        tgt = DatasetLock(
+            self.ctx.redis,
+            LockSpec(self.endpoint.name, self.endpoint.target_dataset(dataset), s.lock_lease_seconds,
+                     s.lock_wait_seconds),
+        )
+        for lock in (src, tgt):
+            if token:
+                lock.token = token
+            lock.on_lost = self.cancel.set
+        return src, tgt
+
+    # -- listing -------------------------------------------------------------------------------------
+    def list_sides(self, datasets: Sequence[str]) -> Sides:
+        src_props = ops.snapshot_props(self.ctx.caps) + (ops.base_property(self.endpoint.name),)
+        if self.ctx.caps.raw_send:
+            src_props += ("encryption",)
+        raw = ops.get_properties(self.ctx.shell, datasets, src_props, recursive=True, zfs=self.ctx.zfs)
+        source = {ds: snapshots_from_get(raw).get(ds, []) for ds in datasets}
+        targets = [self.endpoint.target_dataset(ds) for ds in datasets]
+        tgt_raw, missing = self._list_target(targets)
+        found = snapshots_from_get(tgt_raw)
+        target = {t: (None if t in missing else found.get(t, [])) for t in targets}
+        return Sides(source, {ds: raw.get(ds, {}) for ds in datasets}, target,
+                     {t: tgt_raw.get(t, {}) for t in targets})
+
+    def _list_target(self, targets: Sequence[str]) -> tuple[dict[str, dict[str, str]], set[str]]:
+        props = ops.snapshot_props(self.target_caps) + (ops.PARENT_PROPERTY,)
+        if self.target_caps.resumable:
+            props += (RESUME_TOKEN,)
+        argv = cmd.get_props(targets, props, recursive=True, zfs=self.ctx.zfs)
+        result = self.target_shell.run(argv, check=False)
+        missing = {t for t in targets if f"'{t}'" in result.stderr and "does not exist" in result.stderr}
+        other_errors = [
+            line for line in result.stderr.splitlines()
+            if line.strip() and not ("does not exist" in line and any(f"'{t}'" in line for t in missing))
+        ]
+        if result.exit_code != 0 and other_errors:
+            raise zfs_error(argv, result.exit_code, "\n".join(other_errors), self.target_shell.host)
+        lines = "\n".join(line for line in result.stdout.splitlines() if line.count("\t") == 2)
+        return parse_get(lines), missing
+
+    # -- checks and plan -----------------------------------------------------------------------------
+    def plan(self, dataset: str, sides: Sides) -> Plan:
+        target = self.endpoint.target_dataset(dataset)
+        owner = sides.target_props.get(target, {}).get(ops.PARENT_PROPERTY, "-")
+        if owner not in ("-", "", self.ctx.settings.node_name):
+            raise Permanent(
+                f"{self.endpoint.name}:{target} belongs to node {owner!r} (its parent): refusing to replicate "
+                f"{self.ctx.settings.node_name}:{dataset} over it"
+            )
+        plan = plan_replication(sides.source[dataset], sides.target[target])
+        if plan.action is Action.DIVERGED:
+            raise Diverged(f"{self.ctx.settings.node_name}:{dataset} -> {self.endpoint.name}:{target} diverged: "
+                           f"{plan.reason}. Nothing was changed on either side.")
+        return plan
+
+    # -- data path -----------------------------------------------------------------------------------
+    def send_step(self, dataset: str, step: Step, sides: Sides) -> PipelineResult:
+        target = self.endpoint.target_dataset(dataset)
+        opts = cmd.SendOptions(raw=self._raw(dataset, sides))
+        base = step.base.full if step.kind is StepKind.INCREMENTAL and step.base else None
+        send_argv = cmd.send(step.snapshot.full, base, opts, self.ctx.zfs)
+        total = self.estimate(step, opts)
+        recv_argv = cmd.receive(target, resumable=self._resumable(), zfs=self.ctx.zfs)
+        return self._transfer(dataset, send_argv, recv_argv, total)
+
+    def resume(self, dataset: str, sides: Sides) -> PipelineResult | None:
+        """Finish an interrupted resumable receive; abort a token whose snapshot is gone."""
+        target = self.endpoint.target_dataset(dataset)
+        token = sides.target_props.get(target, {}).get(RESUME_TOKEN, "-")
+        if not self._resumable() or token in ("-", ""):
+            return None
+        send_argv = cmd.send("", None, cmd.SendOptions(resume_token=token), self.ctx.zfs)
+        try:
+            return self._transfer(dataset, send_argv, cmd.receive(target, True, self.ctx.zfs), None)
+        except ZfsError:
+            self.target_shell.run(cmd.receive_abort(target, self.ctx.zfs))
+            return None
+
+    def _transfer(self, dataset: str, send_argv: list[str], recv_argv: list[str], total: int | None) -> PipelineResult:
+        def report(n: int) -> None:
+            if self.progress is not None:
+                self.progress({"dataset": dataset, "target": self.endpoint.name, "bytes": n, "total": total})
+
+        return run_pipeline(
+            Stage(self.ctx.shell.process_argv(send_argv), "local"),
+            Stage(self.target_shell.process_argv(recv_argv), self.endpoint.name),
+            speed_limit_mb=self.speed_limit,
+            progress=report,
+            cancel=self.cancel,
+        )
+
+    def _raw(self, dataset: str, sides: Sides) -> bool:
+        enc = sides.source_props.get(dataset, {}).get("encryption", "off")
+        return self.ctx.caps.raw_send and self.target_caps.raw_send and enc not in ("off", "-", "")
+
+    def _resumable(self) -> bool:
+        return self.ctx.caps.resumable and self.target_caps.resumable
+
+    def estimate(self, step: Step, opts: cmd.SendOptions) -> int | None:
+        if self.ctx.caps.send_estimate:
+            base = step.base.full if step.base else None
+            dry = cmd.SendOptions(raw=opts.raw, dry_run=True)
+            out = self.ctx.shell.run(cmd.send(step.snapshot.full, base, dry, self.ctx.zfs), check=False)
+            return parse_send_size(out.stdout + out.stderr)
+        if step.base is None:
+            return step.snapshot.referenced or None
+        return max(step.snapshot.referenced - step.base.referenced, 0) + step.snapshot.used or None
+
+    # -- after a successful transfer -------------------------------------------------------------------
+    def finish(self, dataset: str, before: Sides, after: Sides) -> dict[str, Any]:
+        """Record and protect the new base, mark the copy's parent, then prune the target.
+
+        `after` is a listing made after the transfer (or `before` itself when nothing was sent): when
+        nothing changed, nothing is written.
+        """
+        target = self.endpoint.target_dataset(dataset)
+        base = self._base_after(dataset, after)
+        old_guid = before.source_props.get(dataset, {}).get(ops.base_property(self.endpoint.name), "-")
+        if old_guid != str(base.guid):  # recorded before anything is pruned: retention reads it
+            ops.set_property(
+                self.ctx.shell, dataset, ops.base_property(self.endpoint.name), str(base.guid), self.ctx.zfs
+            )
+            self._move_holds(dataset, base, old_guid, after)
+        if after.target_props.get(target, {}).get(ops.PARENT_PROPERTY, "-") in ("-", ""):
+            ops.set_property(self.target_shell, target, ops.PARENT_PROPERTY, self.ctx.settings.node_name,
+                             self.ctx.zfs)
+        pruned = self._prune_target(dataset, base, after)
+        newest_target = max((s.creation for s in after.target[target] or []), default=0)
+        return {"base": base.full, "pruned_on_target": pruned, "target_newest_creation": newest_target}
+
+    def _base_after(self, dataset: str, after: Sides) -> Snapshot:
+        target_guids = {s.guid for s in after.target[self.endpoint.target_dataset(dataset)] or []}
+        common = [s for s in after.source[dataset] if s.guid in target_guids]
+        if not common:
+            raise Diverged(f"after the transfer {dataset} has no snapshot in common with {self.endpoint.name}")
+        return common[-1]
+
+    def _move_holds(self, dataset: str, base: Snapshot, old_guid: str, after: Sides) -> None:
+        if not (self.ctx.caps.holds and self.target_caps.holds):
+            return
+        target = self.endpoint.target_dataset(dataset)
+        t_base = next(s for s in after.target[target] or [] if s.guid == base.guid)
+        for shell, snap in ((self.ctx.shell, base), (self.target_shell, t_base)):
+            try:
+                shell.run(cmd.hold(self.tag, snap.full, self.ctx.zfs))
+            except (SnapshotExists, SnapshotHeld):
+                pass  # already held by us: holds are idempotent here
+        if old_guid.isdigit() and int(old_guid) != base.guid:
+            old = int(old_guid)
+            for shell, snaps in ((self.ctx.shell, after.source[dataset]), (self.target_shell, after.target[target])):
+                for snap in snaps or []:
+                    if snap.guid == old:
+                        shell.run(cmd.release(self.tag, snap.full, self.ctx.zfs), check=False)
+
+    def _prune_target(self, dataset: str, base: Snapshot, after: Sides) -> list[str]:
+        target = self.endpoint.target_dataset(dataset)
+        tsnaps = after.target[target] or []
+        if self.endpoint.keep:
+            doomed = []
+            for stype, keep in self.endpoint.keep.items():
+                doomed += list(plan_retention(tsnaps, stype, keep, frozenset({base.guid})).destroy)
+            kept_types = set(self.endpoint.keep)
+            doomed += [s for s in target_prune(after.source[dataset], tsnaps, base.guid)
+                       if (n := parse_snapshot_name(s.name)) is not None and n.stype not in kept_types]
+        else:
+            doomed = target_prune(after.source[dataset], tsnaps, base.guid)
+        pruned = []
+        for snap in sorted(doomed, key=lambda s: s.createtxg):
+            if snap.guid == base.guid:
+                continue
+            self.target_shell.run(cmd.destroy_snapshot(snap.full, self.ctx.zfs))
+            pruned.append(snap.full)
+        return pruned
+
+    # -- bookkeeping -----------------------------------------------------------------------------------
+    def record_success(self, dataset: str, sent_bytes: int, seconds: float, newest_creation: int) -> None:
+        key = keys.replication_state(self.ctx.settings.node_name, dataset, self.endpoint.name)
+        self.ctx.redis.hset(key, mapping={
+            "last_success": str(time.time()), "bytes": str(sent_bytes), "duration": f"{seconds:.3f}",
+            "error": "0", "last_error": "", "target_newest_creation": str(newest_creation),
+        })
+        self.ctx.redis.hincrby(key, "bytes_total", sent_bytes)
+
+    def record_failure(self, dataset: str, error: str) -> None:
+        key = keys.replication_state(self.ctx.settings.node_name, dataset, self.endpoint.name)
+        self.ctx.redis.hset(key, mapping={"error": "1", "last_error": error[:2000], "last_failure": str(time.time())})
+        self.ctx.redis.hincrby(key, "failures", 1)

@@ -1,0 +1,214 @@
+"""Typed settings: one object, built from HOSTER_* environment variables over an optional TOML file.
+
+`Settings.from_env()` is the only constructor the rest of the code uses. Invalid settings raise
+`ConfigError` listing every problem at once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from hoster_tasks.errors import ConfigError
+from hoster_tasks.names import SNAPSHOT_TYPES, validate_dataset, validate_node_name
+
+
+class Endpoint(BaseModel, frozen=True):
+    """A replication target: a node reachable over SSH."""
+
+    name: str
+    host: str
+    port: int = 22
+    user: str = "root"
+    key_file: Path | None = None
+    known_hosts: Path | None = None
+    # source root -> target root ("zroot/vm-encrypted" -> "backup/vm-encrypted"); identity when absent.
+    root_map: dict[str, str] = Field(default_factory=dict)
+    connect_timeout: int = 10
+    keepalive_seconds: int = 5  # ssh ServerAliveInterval; 3 missed replies end a stalled transfer
+    # Per-type keep counts on the target; empty means "mirror the source's pruning".
+    keep: dict[str, int] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return validate_node_name(v)
+
+    @field_validator("root_map")
+    @classmethod
+    def _roots(cls, v: dict[str, str]) -> dict[str, str]:
+        for src, dst in v.items():
+            validate_dataset(src)
+            validate_dataset(dst)
+        return v
+
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, v: dict[str, int]) -> dict[str, int]:
+        for stype, n in v.items():
+            if stype not in SNAPSHOT_TYPES or n < 1:
+                raise ValueError(f"keep[{stype!r}]={n}: type must be one of {SNAPSHOT_TYPES}, keep >= 1")
+        return v
+
+    def target_dataset(self, source: str) -> str:
+        for src_root, dst_root in sorted(self.root_map.items(), key=lambda kv: -len(kv[0])):
+            if source == src_root or source.startswith(src_root + "/"):
+                return dst_root + source[len(src_root):]
+        return source
+
+
+class ScheduleEntry(BaseModel, frozen=True):
+    """One beat entry: a 5-field crontab in UTC."""
+
+    cron: str
+    stype: str = "hourly"
+    keep: int = 3
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"cron {v!r} must have 5 fields: minute hour day-of-month month day-of-week")
+        return v
+
+    @field_validator("stype")
+    @classmethod
+    def _stype(cls, v: str) -> str:
+        if v not in SNAPSHOT_TYPES:
+            raise ValueError(f"stype {v!r} must be one of {SNAPSHOT_TYPES}")
+        return v
+
+    @field_validator("keep")
+    @classmethod
+    def _keep_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("keep must be at least 1")
+        return v
+
+
+class ReplicationEntry(BaseModel, frozen=True):
+    cron: str
+    endpoint: str
+    speed_limit: float | None = None
+    script_name: str | None = None
+
+
+DEFAULT_SNAPSHOT_SCHEDULE = {
+    "hourly": ScheduleEntry(cron="33 * * * *", stype="hourly", keep=3),
+    "daily": ScheduleEntry(cron="5 4 * * *", stype="daily", keep=5),
+    "weekly": ScheduleEntry(cron="5 5 * * 3", stype="weekly", keep=3),
+    "monthly": ScheduleEntry(cron="5 3 15 * *", stype="monthly", keep=6),
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOSTER_", extra="forbid", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    node_name: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
+    # Hoster's active_datasets: each VM is a child dataset <root>/<vm>.
+    datasets: list[str] = Field(default_factory=lambda: ["zroot/vm-encrypted"])
+    zfs_command: str = "zfs"
+    lock_lease_seconds: float = 60.0
+    lock_wait_seconds: float = 30.0
+    heartbeat_seconds: float = 10.0
+    error_dir: Path = Path("/var/run/replication")
+    metrics_textfile: Path | None = None
+    targets: list[Endpoint] = Field(default_factory=list)
+    snapshot_schedule: dict[str, ScheduleEntry] = Field(
+        default_factory=lambda: dict(DEFAULT_SNAPSHOT_SCHEDULE)
+    )
+    replication_schedule: dict[str, ReplicationEntry] = Field(default_factory=dict)
+    retry_max: int = 5
+    retry_backoff_max_seconds: int = 600
+    sentry_dsn: str | None = None
+    sentry_environment: str = "production"
+    sentry_release: str | None = None
+    task_wait_seconds: float = 3600.0
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets(cls, v: list[str]) -> list[str]:
+        for ds in v:
+            validate_dataset(ds)
+        return v
+
+    @field_validator("node_name")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return validate_node_name(v)
+
+    @field_validator("lock_lease_seconds", "lock_wait_seconds", "heartbeat_seconds")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _targets_unique(self) -> Settings:
+        names = [t.name for t in self.targets]
+        if len(names) != len(set(names)):
+            raise ValueError(f"target names must be unique: {names}")
+        for entry in self.replication_schedule.values():
+            if entry.endpoint not in names and not any(t.host == entry.endpoint for t in self.targets):
+                raise ValueError(f"replication_schedule names unknown endpoint {entry.endpoint!r}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlFile(settings_cls))
+
+    def endpoint(self, name_or_host: str) -> Endpoint:
+        for t in self.targets:
+            if name_or_host in (t.name, t.host):
+                return t
+        known = ", ".join(t.name for t in self.targets) or "none configured"
+        raise ConfigError(f"unknown endpoint {name_or_host!r} (known: {known})")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            problems = [
+                f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+            ]
+            raise ConfigError("invalid settings:\n" + "\n".join(problems)) from None
+
+
+class _TomlFile(PydanticBaseSettingsSource):
+    """The file named by HOSTER_CONFIG (TOML), lowest priority."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("HOSTER_CONFIG")
+        if not path:
+            return {}
+        import tomllib
+
+        try:
+            with open(path, "rb") as fh:
+                return tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings.from_env()

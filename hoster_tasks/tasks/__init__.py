@@ -1,0 +1,1 @@
+"""Celery tasks: the public interface. Names are stable and namespaced (hoster.snapshot.*, hoster.replication.*)."""

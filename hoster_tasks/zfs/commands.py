@@ -1,0 +1,124 @@
+"""Every zfs argv this system runs is built here, as a list. Nothing here runs anything.
+
+Names are validated by the caller's entry point and again here (cheap), so a builder can never emit an
+argument that zfs would read as an option or a shell would read as syntax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from hoster_tasks.names import validate_dataset, validate_snapshot, validate_snapshot_name
+
+ZFS = "zfs"
+# Stay far below ARG_MAX (FreeBSD 256 KiB, Linux 2 MiB) so one snapshot call never fails for length.
+ARGV_BUDGET = 100_000
+
+# Properties read for every snapshot; `clones` is optional (not on every ZFS, see probe).
+SNAPSHOT_PROPS = ("guid", "createtxg", "creation", "used", "referenced", "userrefs")
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    raw: bool = False  # -w: encrypted datasets stay encrypted on the target
+    resume_token: str | None = None
+    dry_run: bool = False  # -nP: size estimate only
+
+
+def snapshot(datasets: Sequence[str], short: str, zfs: str = ZFS) -> list[list[str]]:
+    """`zfs snapshot a@s b@s ...`: atomic across datasets; split only when the argv would get too long."""
+    validate_snapshot_name(short)
+    calls: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for ds in datasets:
+        arg = f"{validate_dataset(ds)}@{short}"
+        if current and size + len(arg) + 1 > ARGV_BUDGET:
+            calls.append([zfs, "snapshot", *current])
+            current, size = [], 0
+        current.append(arg)
+        size += len(arg) + 1
+    if current:
+        calls.append([zfs, "snapshot", *current])
+    return calls
+
+
+def destroy_snapshot(full: str, zfs: str = ZFS) -> list[str]:
+    validate_snapshot(full)
+    return [zfs, "destroy", full]
+
+
+def get_props(datasets: Iterable[str], props: Sequence[str], recursive: bool = True, zfs: str = ZFS) -> list[str]:
+    """One batched listing of the given datasets only (never the whole pool)."""
+    names = [validate_dataset(ds) for ds in datasets]
+    flags = ["-Hp", "-r"] if recursive else ["-Hp"]
+    return [zfs, "get", *flags, "-o", "name,property,value", ",".join(props), *names]
+
+
+def list_children(roots: Iterable[str], zfs: str = ZFS) -> list[str]:
+    names = [validate_dataset(r) for r in roots]
+    return [zfs, "list", "-H", "-o", "name", "-r", *names]
+
+
+def send(snapshot_full: str, base: str | None = None, opts: SendOptions = SendOptions(), zfs: str = ZFS) -> list[str]:
+    """Full send of `snapshot_full`, or `-I base` (every intermediate snapshot) when a base is given."""
+    argv = [zfs, "send"]
+    if opts.dry_run:
+        argv.append("-nP")
+    if opts.resume_token is not None:
+        if not opts.resume_token.replace("-", "").isalnum():
+            raise ValueError("resume token has unexpected characters")
+        return [*argv, "-t", opts.resume_token]
+    if opts.raw:
+        argv.append("-w")
+    ds, _ = validate_snapshot(snapshot_full)
+    if base is not None:
+        base_ds, _ = validate_snapshot(base)
+        if base_ds != ds:
+            raise ValueError(f"incremental base {base} is not a snapshot of {ds}")
+        argv += ["-I", base]
+    return [*argv, snapshot_full]
+
+
+def receive(target: str, resumable: bool = False, zfs: str = ZFS) -> list[str]:
+    """Never `-F`: a target that changed is refused, not rolled back. `-u`: copies are not mounted."""
+    validate_dataset(target)
+    argv = [zfs, "receive", "-u"]
+    if resumable:
+        argv.append("-s")
+    return [*argv, target]
+
+
+def receive_abort(target: str, zfs: str = ZFS) -> list[str]:
+    return [zfs, "receive", "-A", validate_dataset(target)]
+
+
+def hold(tag: str, full: str, zfs: str = ZFS) -> list[str]:
+    validate_snapshot_name(tag)
+    validate_snapshot(full)
+    return [zfs, "hold", tag, full]
+
+
+def release(tag: str, full: str, zfs: str = ZFS) -> list[str]:
+    validate_snapshot_name(tag)
+    validate_snapshot(full)
+    return [zfs, "release", tag, full]
+
+
+def set_user_property(dataset: str, prop: str, value: str, zfs: str = ZFS) -> list[str]:
+    validate_dataset(dataset)
+    if ":" not in prop or not prop.replace(":", "").replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise ValueError(f"not a user property: {prop!r}")
+    if "\n" in value or "\0" in value:
+        raise ValueError("property value may not contain newlines")
+    return [zfs, "set", f"{prop}={value}", dataset]
+
+
+def version(zfs: str = ZFS) -> list[str]:
+    return [zfs, "version"]
+
+
+def help_text(subcommand: str, zfs: str = ZFS) -> list[str]:
+    """`zfs <sub>` without arguments prints its usage; the probe reads the flags from it."""
+    return [zfs, subcommand]

@@ -1,0 +1,165 @@
+"""Where commands run: `LocalShell` (subprocess, no shell) and `SshShell` (Fabric, for control commands).
+
+Quoting happens exactly once, in `remote_command_line`, at the SSH boundary. The data path (`zfs send |
+ssh zfs receive`) uses the OpenSSH client instead; `ssh_argv` builds that argv with the same quoting.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from hoster_tasks.errors import CommandFailed, ConnectionLost, zfs_error
+from hoster_tasks.settings import Endpoint
+
+DEFAULT_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+class Shell(Protocol):
+    host: str
+
+    def run(self, argv: Sequence[str], check: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Result: ...
+
+    def process_argv(self, argv: Sequence[str]) -> list[str]:
+        """The local argv that runs `argv` on this shell's host (for pipelines)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _checked(result: Result, host: str, check: bool) -> Result:
+    if check and result.exit_code != 0:
+        raise zfs_error(result.argv, result.exit_code, result.stderr, host)
+    return result
+
+
+class LocalShell:
+    host = "local"
+
+    def run(self, argv: Sequence[str], check: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Result:
+        argv = list(argv)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        except FileNotFoundError as exc:
+            raise CommandFailed(argv, 127, str(exc)) from None
+        except subprocess.TimeoutExpired:
+            raise CommandFailed(argv, -1, f"timed out after {timeout:.0f}s") from None
+        return _checked(Result(tuple(argv), proc.returncode, proc.stdout, proc.stderr), self.host, check)
+
+    def process_argv(self, argv: Sequence[str]) -> list[str]:
+        return list(argv)
+
+    def close(self) -> None:
+        pass
+
+
+def remote_command_line(argv: Sequence[str]) -> str:
+    """The one place an argv becomes a string: for the remote login shell (sh or csh both accept it)."""
+    return shlex.join(argv)
+
+
+def ssh_options(endpoint: Endpoint) -> list[str]:
+    opts = [
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=yes",  # never accept an unknown or changed host key
+        "-o", f"ConnectTimeout={endpoint.connect_timeout}",
+        "-o", f"ServerAliveInterval={endpoint.keepalive_seconds}",
+        "-o", "ServerAliveCountMax=3",
+        "-p", str(endpoint.port),
+        "-l", endpoint.user,
+    ]
+    if endpoint.known_hosts is not None:
+        opts += ["-o", f"UserKnownHostsFile={endpoint.known_hosts}"]
+    if endpoint.key_file is not None:
+        opts += ["-i", str(endpoint.key_file), "-o", "IdentitiesOnly=yes"]
+    return opts
+
+
+def ssh_argv(endpoint: Endpoint, argv: Sequence[str]) -> list[str]:
+    return ["ssh", *ssh_options(endpoint), "--", endpoint.host, remote_command_line(argv)]
+
+
+class SshShell:
+    """Control commands over one reused Fabric connection, host keys checked strictly."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.host = endpoint.name
+        self._timeout = endpoint.connect_timeout
+        self._conn: object | None = None
+
+    def _connection(self):  # type: ignore[no-untyped-def]
+        if self._conn is None:
+            import paramiko
+            from fabric import Config, Connection
+
+            kwargs: dict[str, object] = {"look_for_keys": self.endpoint.key_file is None, "allow_agent": False}
+            if self.endpoint.key_file is not None:
+                kwargs["key_filename"] = str(self.endpoint.key_file)
+            conn = Connection(
+                self.endpoint.host,
+                user=self.endpoint.user,
+                port=self.endpoint.port,
+                connect_timeout=self._timeout,
+                connect_kwargs=kwargs,
+                config=Config(overrides={"load_ssh_configs": False}),
+            )
+            # Fabric defaults to AutoAddPolicy; a replication target must be known in advance.
+            conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            if self.endpoint.known_hosts is not None:
+                conn.client.load_host_keys(str(self.endpoint.known_hosts))
+            else:
+                conn.client.load_system_host_keys()
+            self._conn = conn
+        return self._conn
+
+    def run(self, argv: Sequence[str], check: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Result:
+        import paramiko
+
+        argv = list(argv)
+        try:
+            res = self._connection().run(
+                remote_command_line(argv), hide=True, warn=True, in_stream=False, timeout=timeout
+            )
+        except paramiko.BadHostKeyException as exc:
+            raise CommandFailed(argv, 255, f"host key mismatch: {exc}", self.host) from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc) or "known_hosts" in str(exc):
+                raise CommandFailed(argv, 255, f"host key not trusted: {exc}", self.host) from None
+            self.close()
+            raise ConnectionLost(argv, 255, f"ssh: {exc}", self.host) from None
+        except (TimeoutError, OSError, EOFError) as exc:
+            self.close()
+            raise ConnectionLost(argv, 255, f"ssh: {type(exc).__name__}: {exc}", self.host) from None
+        except Exception as exc:  # invoke's CommandTimedOut and friends
+            if type(exc).__name__ == "CommandTimedOut":
+                self.close()
+                raise ConnectionLost(argv, -1, f"timed out after {timeout:.0f}s", self.host) from None
+            raise
+        return _checked(Result(tuple(argv), res.exited, res.stdout, res.stderr), self.host, check)
+
+    def process_argv(self, argv: Sequence[str]) -> list[str]:
+        return ssh_argv(self.endpoint, argv)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()  # type: ignore[attr-defined]
+            finally:
+                self._conn = None
+
+
+def shell_for(endpoint: Endpoint | None) -> Shell:
+    """Local when there is no endpoint (this node), SSH otherwise."""
+    return LocalShell() if endpoint is None else SshShell(endpoint)
