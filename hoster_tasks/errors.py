@@ -112,10 +112,10 @@ class PipelinePermanent(PipelineFailed, Permanent):
 _ZFS_PATTERNS: list[tuple[re.Pattern[str], type[ZfsError]]] = [
     (re.compile(r"dataset does not exist|could not find any snapshots|no such pool|does not exist"),
      DatasetNotFound),
+    (re.compile(r"snapshot is held|is held|tag already exists on this dataset"), SnapshotHeld),
     (re.compile(r"dataset already exists|snapshot already exists|already exists"), SnapshotExists),
     (re.compile(r"out of space|no space left|quota exceeded"), NoSpace),
     (re.compile(r"dataset is busy|pool or dataset is busy|device busy|has dependent clones"), DatasetBusy),
-    (re.compile(r"snapshot is held|is held|tag already exists on this dataset"), SnapshotHeld),
     (re.compile(r"has been modified\s+since most recent snapshot|destination .* has been modified|"
                 r"destination has snapshots|must specify -F to overwrite|destination .* exists"),
      TargetModified),

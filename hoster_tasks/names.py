@@ -27,7 +27,7 @@ _OURS = re.compile(
 
 
 def _check_component(part: str, what: str, whole: str) -> None:
-    if part in (".", "..") or not _COMPONENT.match(part):
+    if part in (".", "..") or not _COMPONENT.fullmatch(part):
         raise InvalidName(f"invalid {what} {whole!r}: component {part!r} may use only A-Z a-z 0-9 _ . : -")
 
 
@@ -76,7 +76,7 @@ def validate_snapshot(full: str) -> tuple[str, str]:
 
 
 def validate_node_name(name: str) -> str:
-    if not isinstance(name, str) or not _NODE.match(name):
+    if not isinstance(name, str) or not _NODE.fullmatch(name):
         raise InvalidName(f"invalid node name {name!r}: use A-Z a-z 0-9 _ . - (max 63)")
     return name
 
@@ -112,10 +112,13 @@ def make_snapshot_name(stype: str, now: datetime, existing: set[str] | frozenset
 
 def parse_snapshot_name(short: str) -> SnapshotName | None:
     """None for names other tools made: those are listed but never pruned."""
-    m = _OURS.match(short)
+    m = _OURS.fullmatch(short)
     if not m:
         return None
-    taken = datetime.strptime(m["ts"], _TIME_FORMAT).replace(tzinfo=UTC)
+    try:
+        taken = datetime.strptime(m["ts"], _TIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError:  # shaped like ours but not a real time (2023-02-30): not ours, never pruned
+        return None
     return SnapshotName(taken, int(m["seq"] or 0), m["stype"])
 
 

@@ -184,10 +184,8 @@ class Settings(BaseSettings):
         try:
             return cls(**overrides)
         except ValidationError as exc:
-            problems = [
-                f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-            ]
-            raise ConfigError("invalid settings:\n" + "\n".join(problems)) from None
+            problems = [f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
+            raise ConfigError("invalid settings: " + "; ".join(problems)) from None
 
 
 class _TomlFile(PydanticBaseSettingsSource):
@@ -204,9 +202,11 @@ class _TomlFile(PydanticBaseSettingsSource):
 
         try:
             with open(path, "rb") as fh:
-                return tomllib.load(fh)
+                data = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        # env wins whole: a table given in the environment replaces the file's, it is not merged into it
+        return {k: v for k, v in data.items() if f"HOSTER_{k.upper()}" not in os.environ}
 
 
 @lru_cache(maxsize=1)

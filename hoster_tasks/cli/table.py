@@ -17,6 +17,7 @@ def render(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]],
     """Columns in `right` are right-aligned (numbers); others centred in the header, left in the body."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) + 2 for i, h in enumerate(headers)]
+    widths[-1] += max(0, len(title) + 2 - (sum(widths) + len(widths) - 1))  # a long title widens the box
     inner = sum(widths) + len(widths) - 1
     out = ["╭" + "─" * inner + "╮", "│" + title.center(inner) + "│"]
     out.append("├" + "┬".join("─" * w for w in widths) + "┤")

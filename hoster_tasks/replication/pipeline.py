@@ -144,7 +144,7 @@ def _raise_for(results: Sequence[StageResult]) -> None:
     if all(r.exit_code == 0 for r in results):
         return
     summary = _summary(results)
-    if send.exit_code != 0 and "pipe" not in send.stderr.lower() and send.exit_code > 0:
+    if send.exit_code > 0 and "broken pipe" not in send.stderr.lower():  # < 0: killed (SIGPIPE)
         raise _with_stages(zfs_error(send.stage.argv, send.exit_code, send.stderr, send.stage.host), summary)
     if receive.exit_code != 0:
         raise _with_stages(

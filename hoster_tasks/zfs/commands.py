@@ -6,6 +6,7 @@ argument that zfs would read as an option or a shell would read as syntax.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -49,9 +50,22 @@ def destroy_snapshot(full: str, zfs: str = ZFS) -> list[str]:
     return [zfs, "destroy", full]
 
 
+_PROPERTY = re.compile(r"[a-z0-9][a-z0-9:._-]*")
+
+
+def _check_property(prop: str) -> str:
+    if not _PROPERTY.fullmatch(prop):
+        raise ValueError(f"invalid property name {prop!r}")
+    return prop
+
+
 def get_props(datasets: Iterable[str], props: Sequence[str], recursive: bool = True, zfs: str = ZFS) -> list[str]:
     """One batched listing of the given datasets only (never the whole pool)."""
     names = [validate_dataset(ds) for ds in datasets]
+    if not props:
+        raise ValueError("no properties asked for")
+    for prop in props:
+        _check_property(prop)
     flags = ["-Hp", "-r"] if recursive else ["-Hp"]
     return [zfs, "get", *flags, "-o", "name,property,value", ",".join(props), *names]
 
@@ -108,7 +122,7 @@ def release(tag: str, full: str, zfs: str = ZFS) -> list[str]:
 
 def set_user_property(dataset: str, prop: str, value: str, zfs: str = ZFS) -> list[str]:
     validate_dataset(dataset)
-    if ":" not in prop or not prop.replace(":", "").replace("_", "").replace("-", "").replace(".", "").isalnum():
+    if ":" not in prop or not _PROPERTY.fullmatch(prop):
         raise ValueError(f"not a user property: {prop!r}")
     if "\n" in value or "\0" in value:
         raise ValueError("property value may not contain newlines")

@@ -34,7 +34,7 @@ def parse_get(text: str) -> dict[str, dict[str, str]]:
     for line in text.splitlines():
         if not line.strip():
             continue
-        parts = line.split("\t")
+        parts = line.split("\t", 2)  # a user property's value may itself hold a tab
         if len(parts) != 3:
             raise ValueError(f"unexpected zfs get line: {line!r}")
         name, prop, value = parts
