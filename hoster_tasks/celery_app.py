@@ -44,7 +44,8 @@ def make_app() -> Celery:
         timezone="UTC",
         enable_utc=True,
         worker_hijack_root_logger=False,
-        # a warm shutdown would wait for hours-long replications; after this they are cut (they converge)
+        # A warm shutdown (SIGTERM) waits for running replications, however long: the service units allow
+        # for it. A cold shutdown (SIGINT/SIGQUIT) gets this much grace; cut transfers converge on re-run.
         worker_soft_shutdown_timeout=30.0,
     )
     try:

@@ -33,7 +33,7 @@ def _check_component(part: str, what: str, whole: str) -> None:
 
 def validate_dataset(name: str) -> str:
     if not isinstance(name, str) or not name:
-        raise InvalidName("dataset name is empty")
+        raise InvalidName("invalid dataset name: empty")
     if len(name) > MAX_NAME:
         raise InvalidName(f"invalid dataset {name[:40]!r}...: longer than {MAX_NAME} characters")
     if "@" in name or "#" in name:
@@ -46,7 +46,7 @@ def validate_dataset(name: str) -> str:
 def validate_vm(name: str) -> str:
     """A VM name is one dataset component."""
     if not isinstance(name, str) or not name:
-        raise InvalidName("VM name is empty")
+        raise InvalidName("invalid VM name: empty")
     if len(name) > 200:
         raise InvalidName(f"invalid VM name {name[:40]!r}...: longer than 200 characters")
     if "/" in name:

@@ -114,6 +114,10 @@ class Heartbeat:
 
     def beat_once(self) -> None:
         publish(self.client, self.settings, inventory(self.shell, self.settings), time.time())
+        if self.settings.metrics_textfile is not None:  # keeps lag and node_up fresh between jobs
+            from hoster_tasks.observability.metrics import collect_metrics, write_textfile
+
+            write_textfile(self.settings.metrics_textfile, collect_metrics(self.settings))
 
     def start(self) -> None:
         self.beat_once()

@@ -8,17 +8,23 @@ import sys
 from hoster_tasks.errors import ConfigError
 
 
-def flower_argv(address: str, port: int, basic_auth: str | None) -> list[str]:
-    auth = basic_auth or os.environ.get("FLOWER_BASIC_AUTH")
-    if not auth or ":" not in auth:
-        raise ConfigError("Flower needs authentication: --basic-auth user:password or FLOWER_BASIC_AUTH")
+def flower_argv(address: str, port: int) -> list[str]:
     return [
         sys.executable, "-m", "celery", "-A", "hoster_tasks.celery_app", "flower",
-        f"--address={address}", f"--port={port}", f"--basic-auth={auth}",
+        f"--address={address}", f"--port={port}",
     ]
 
 
+def flower_env(basic_auth: str | None) -> dict[str, str]:
+    """The password goes to Flower through its environment (FLOWER_BASIC_AUTH), never on a command line."""
+    auth = basic_auth or os.environ.get("FLOWER_BASIC_AUTH")
+    if not auth or ":" not in auth:
+        raise ConfigError("Flower needs authentication: --basic-auth user:password or FLOWER_BASIC_AUTH")
+    return {**os.environ, "FLOWER_BASIC_AUTH": auth}
+
+
 def run_flower(address: str, port: int, basic_auth: str | None) -> int:
-    argv = flower_argv(address, port, basic_auth)
-    os.execv(argv[0], argv)  # replace this process: signals go straight to Flower
+    env = flower_env(basic_auth)
+    argv = flower_argv(address, port)
+    os.execve(argv[0], argv, env)  # replace this process: signals go straight to Flower
     return 0

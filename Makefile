@@ -1,0 +1,15 @@
+# Developer and CI entry points. `make test` is the test command the README documents.
+PYTHON ?= python
+
+.PHONY: test lint demo
+
+test:
+	$(PYTHON) -m pytest -q
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
+	$(PYTHON) -m mypy tests/harness tests/conftest.py
+
+demo:
+	$(PYTHON) -m hoster_tasks.demo

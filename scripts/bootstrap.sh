@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install what hoster-tasks needs on Debian 12 (root): the system packages the sandbox and the tests use,
+# then the Python package with its dev extras. Safe to run again; installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(zfs-fuse redis-server openssh-server pv mbuffer sanoid chromium iproute2 procps psmisc prometheus)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  # keep package scripts from starting services (redis on 6379, sshd, prometheus): the sandbox and the
+  # tests start their own
+  policy=/usr/sbin/policy-rc.d
+  added_policy=no
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    added_policy=yes
+  fi
+  trap '[[ $added_policy == yes ]] && rm -f "$policy"' EXIT
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+fi
+
+python3 -m pip install -q -e '.[dev]' </dev/null

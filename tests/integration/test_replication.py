@@ -1,0 +1,216 @@
+"""Replication through the real parts: two namespaced nodes with sshd, a worker on the source, zfs-fuse."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import threading
+import time
+
+from celery.result import AsyncResult
+from harness import zfs as hz
+from scenario import VMS_ROOT, guids, snapshot_names, two_nodes
+
+from hoster_tasks.zfs.ops import PARENT_PROPERTY, base_property
+
+
+def _digest(dataset: str) -> dict[str, str]:
+    root = hz.mount(dataset)
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def _replicate(cli, vm: str, endpoint: str, *extra: str):  # type: ignore[no-untyped-def]
+    res = cli("vm", "replicate", vm, "--endpoint", endpoint, "--json", *extra)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_first_then_incremental_then_nothing(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
+    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    for _ in range(3):
+        hz.write_random(vm, 2)
+        assert cli("snapshot", "new", "vm1").returncode == 0
+
+    first = _replicate(cli, "vm1", dst.name)
+    assert first["action"] == "full" and len(first["sent"]) == 2  # full of the oldest, then -I to the newest
+    assert guids(copy) == guids(vm)  # every snapshot landed in one request, same GUIDs
+    assert _digest(copy) == _digest(vm)
+    assert hz.get_property(copy, PARENT_PROPERTY) == "src"
+    assert hz.get_property(vm, base_property(dst.name)) == str(list(guids(vm).values())[-1])
+
+    hz.write_random(vm, 1)
+    cli("snapshot", "new", "vm1")
+    cli("snapshot", "new", "vm1")
+    second = _replicate(cli, "vm1", dst.name)
+    assert second["action"] == "incremental"
+    assert guids(copy) == guids(vm) and len(guids(copy)) == 5
+    assert _digest(copy) == _digest(vm)
+
+    third = _replicate(cli, "vm1", dst.name)
+    assert third["action"] == "nothing" and third["sent"] == [] and guids(copy) == guids(vm)
+
+
+def test_diverged_target_is_refused_and_left_intact(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, worker = two_nodes(node_factory, pool_factory, worker_factory)
+    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    hz.write_random(vm, 1)
+    cli("snapshot", "new", "vm1")
+    _replicate(cli, "vm1", dst.name)
+    # someone changes the copy and snapshots it: the target now has history the source never had
+    hz.write_random(copy, 1, "local-change.bin")
+    hz.snapshot(copy, "custom_2099-01-01_00-00-00")
+    before = guids(copy)
+    cli("snapshot", "new", "vm1")
+
+    res = cli("vm", "replicate", "vm1", "--endpoint", dst.name)
+    assert res.returncode == 1
+    assert "diverged" in res.stderr and "custom_2099-01-01_00-00-00" in res.stderr
+    assert guids(copy) == before  # nothing destroyed, nothing rolled back
+    assert (hz.mount(copy) / "local-change.bin").exists()
+    error_files = list((worker.log_path.parent / "errors").glob("ERROR_*"))
+    assert [p.name for p in error_files] == [f"ERROR_to_{dst.name}"]
+
+
+def test_target_with_no_common_snapshot_is_refused(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
+    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    copy = pdst.create_dataset(f"{VMS_ROOT}/vm1")  # an unrelated dataset already sits there
+    hz.snapshot(copy, "theirs")
+    cli("snapshot", "new", "vm1")
+    res = cli("vm", "replicate", "vm1", "--endpoint", dst.name)
+    assert res.returncode == 1 and "no snapshot in common" in res.stderr
+    assert list(guids(copy)) == ["theirs"]
+    assert hz.exists(vm)
+
+
+def test_pruning_keeps_the_common_base_and_target_mirrors_source(
+    node_factory, pool_factory, worker_factory, cli
+):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
+    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    for _ in range(2):
+        assert cli("snapshot", "all", "--stype", "hourly", "--keep", "5").returncode == 0
+    _replicate(cli, "vm1", dst.name)
+    base = snapshot_names(vm)[-1]
+
+    # the target is down for a while; retention with keep 1 runs twice: the base must survive it
+    for _ in range(2):
+        res = cli("snapshot", "all", "--stype", "hourly", "--keep", "1", "--json")
+        assert res.returncode == 0, res.stderr
+    names = snapshot_names(vm)
+    assert base in names and len(names) == 2, names  # the base, and the newest one
+    assert "replication base" in res.stdout
+
+    out = _replicate(cli, "vm1", dst.name)
+    assert out["action"] == "incremental"  # no full resend
+    assert guids(copy) == guids(vm)  # the target pruned what the source pruned
+    assert out["pruned_on_target"]
+
+    # now the base has moved on: the old one goes at the next retention
+    cli("snapshot", "all", "--stype", "hourly", "--keep", "1")
+    assert base not in snapshot_names(vm)
+
+
+def test_dataset_first_replicated_by_syncoid_continues_incrementally(
+    node_factory, pool_factory, worker_factory, cli
+):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
+    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    hz.write_random(vm, 2)
+    cli("snapshot", "new", "vm1")
+    syncoid = src.exec(
+        ["syncoid", "--no-privilege-elevation", "--recvoptions=u", f"--sshkey={src.key_file}",
+         f"--sshoption=UserKnownHostsFile={src.known_hosts}", "--sshoption=StrictHostKeyChecking=yes",
+         vm, f"root@{dst.address}:{copy}"],
+        check=False,
+    )
+    assert syncoid.returncode == 0, syncoid.stdout + syncoid.stderr
+    synced = guids(copy)
+    assert any(n.startswith("syncoid_") for n in synced)
+
+    hz.write_random(vm, 1)
+    cli("snapshot", "new", "vm1")
+    out = _replicate(cli, "vm1", dst.name)
+    assert out["action"] == "incremental"  # matched by GUID with syncoid's snapshots: no full resend
+    assert set(synced.items()) <= set(guids(copy).items())
+    assert guids(copy) == guids(vm)
+
+
+def test_link_cut_mid_transfer_is_retried_and_completes(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
+    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    hz.write_random(vm, 60)
+    cli("snapshot", "new", "vm1")
+
+    def cut() -> None:
+        time.sleep(2)
+        dst.link_down()
+        time.sleep(6)
+        dst.link_up()
+
+    cutter = threading.Thread(target=cut)
+    cutter.start()
+    res = cli("vm", "replicate", "vm1", "--endpoint", dst.name, "--speed-limit", "12", "--json", timeout=240)
+    cutter.join()
+    assert res.returncode == 0, res.stderr
+    assert guids(copy) == guids(vm)
+    assert _digest(copy) == _digest(vm)
+
+
+def test_backup_copies_are_skipped_by_replicate_all(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
+    psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    cli("snapshot", "new", "vm1")
+    _replicate(cli, "vm1", dst.name)
+    # the target node runs a worker too, with the source as its own target
+    back = src.endpoint(root_map={pdst.ds(VMS_ROOT): psrc.ds(VMS_ROOT)})
+    worker_factory(dst, {"HOSTER_DATASETS": [pdst.ds(VMS_ROOT)], "HOSTER_HEARTBEAT_SECONDS": 1,
+                         "HOSTER_TARGETS": [back]})
+    res = cli("vm", "replicate-all", "--endpoint", src.name, "--node", dst.name, "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["results"] == [] and "backup copy of src" in out["skipped"][0]
+    # snapshot all on the target node leaves the copy alone too
+    before = guids(pdst.ds(f"{VMS_ROOT}/vm1"))
+    assert cli("snapshot", "all", "--stype", "hourly", "--keep", "3", "--node", dst.name).returncode == 0
+    assert guids(pdst.ds(f"{VMS_ROOT}/vm1")) == before
+
+
+def test_two_replications_of_one_dataset_never_overlap(node_factory, pool_factory, worker_factory, cli, app):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
+    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    hz.write_random(vm, 24)
+    cli("snapshot", "new", "vm1")
+
+    receivers: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            ps = subprocess.run(["pgrep", "-f", f"zfs receive -u {copy}"], capture_output=True, text=True)
+            receivers.append(len(ps.stdout.split()))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        args = ("vm", "replicate", "vm1", "--endpoint", dst.name, "--speed-limit", "8", "--no-wait")
+        ids = [cli(*args).stdout.strip() for _ in range(2)]
+        time.sleep(1)
+        busy = cli("snapshot", "new", "vm1")  # a snapshot of a replicating dataset waits, then fails busy
+        results = [AsyncResult(i, app=app).get(timeout=180) for i in ids]
+    finally:
+        stop.set()
+        watcher.join()
+    assert busy.returncode == 1 and "busy" in busy.stderr
+    assert max(receivers) == 1  # the second waited for the first: never two receives at once
+    assert sorted(r["action"] for r in results) == ["full", "nothing"]
+    assert guids(copy) == guids(vm)
