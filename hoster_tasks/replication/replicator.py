@@ -200,8 +200,10 @@ class Replicator:
             )
             self._move_holds(dataset, base, old_guid, after)
         if after.target_props.get(target, {}).get(ops.PARENT_PROPERTY, "-") in ("-", ""):
+            # first run: mark the copy as a backup of this node, and read-only (see commands.set_readonly)
             ops.set_property(self.target_shell, target, ops.PARENT_PROPERTY, self.ctx.settings.node_name,
                              self.ctx.zfs)
+            self.target_shell.run(cmd.set_readonly(target, self.ctx.zfs))
         pruned = self._prune_target(dataset, base, after)
         newest_target = max((s.creation for s in after.target[target] or []), default=0)
         return {"base": base.full, "pruned_on_target": pruned, "target_newest_creation": newest_target}

@@ -129,6 +129,11 @@ def set_user_property(dataset: str, prop: str, value: str, zfs: str = ZFS) -> li
     return [zfs, "set", f"{prop}={value}", dataset]
 
 
+def set_readonly(dataset: str, zfs: str = ZFS) -> list[str]:
+    """Backup copies are read-only: a mount (even atime) would make the next incremental refuse."""
+    return [zfs, "set", "readonly=on", validate_dataset(dataset)]
+
+
 def version(zfs: str = ZFS) -> list[str]:
     return [zfs, "version"]
 

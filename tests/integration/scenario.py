@@ -33,12 +33,15 @@ def snapshot_names(dataset: str) -> list[str]:
     return [s.short for s in hz.snapshots(dataset)]
 
 
-def two_nodes(node_factory, pool_factory, worker_factory, **src_env: Any):  # type: ignore[no-untyped-def]
-    """A source node with VMs under <src pool>/vm and a target node whose copies go to <dst pool>/vm."""
+def two_nodes(node_factory, pool_factory, worker_factory, vms=("vm1",), **src_env: Any):  # type: ignore[no-untyped-def]
+    """A source node holding `vms` under <src pool>/vm and a target node whose copies go to <dst pool>/vm.
+
+    The VMs exist before the worker starts, so its first heartbeat already registers them.
+    """
     src, dst = node_factory("src"), node_factory("dst")
     psrc, pdst = pool_factory(), pool_factory()
     pdst.create_dataset(VMS_ROOT)
-    psrc.create_dataset(VMS_ROOT)
+    make_vms(psrc, *vms)
     endpoint = dst.endpoint(
         root_map={psrc.ds(VMS_ROOT): pdst.ds(VMS_ROOT)}, keepalive_seconds=1, connect_timeout=3
     )

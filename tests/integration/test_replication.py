@@ -28,7 +28,7 @@ def _replicate(cli, vm: str, endpoint: str, *extra: str):  # type: ignore[no-unt
 
 def test_first_then_incremental_then_nothing(node_factory, pool_factory, worker_factory, cli):
     src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
-    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
     copy = pdst.ds(f"{VMS_ROOT}/vm1")
     for _ in range(3):
         hz.write_random(vm, 2)
@@ -55,12 +55,14 @@ def test_first_then_incremental_then_nothing(node_factory, pool_factory, worker_
 
 def test_diverged_target_is_refused_and_left_intact(node_factory, pool_factory, worker_factory, cli):
     src, dst, psrc, pdst, worker = two_nodes(node_factory, pool_factory, worker_factory)
-    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
     copy = pdst.ds(f"{VMS_ROOT}/vm1")
     hz.write_random(vm, 1)
     cli("snapshot", "new", "vm1")
     _replicate(cli, "vm1", dst.name)
-    # someone changes the copy and snapshots it: the target now has history the source never had
+    assert hz.get_property(copy, "readonly") == "on"  # copies are read-only after the first run
+    # someone makes the copy writable, changes and snapshots it: history the source never had
+    hz.set_property(copy, "readonly", "off")
     hz.write_random(copy, 1, "local-change.bin")
     hz.snapshot(copy, "custom_2099-01-01_00-00-00")
     before = guids(copy)
@@ -77,7 +79,7 @@ def test_diverged_target_is_refused_and_left_intact(node_factory, pool_factory, 
 
 def test_target_with_no_common_snapshot_is_refused(node_factory, pool_factory, worker_factory, cli):
     src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
-    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
     copy = pdst.create_dataset(f"{VMS_ROOT}/vm1")  # an unrelated dataset already sits there
     hz.snapshot(copy, "theirs")
     cli("snapshot", "new", "vm1")
@@ -91,7 +93,7 @@ def test_pruning_keeps_the_common_base_and_target_mirrors_source(
     node_factory, pool_factory, worker_factory, cli
 ):
     src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
-    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
     copy = pdst.ds(f"{VMS_ROOT}/vm1")
     for _ in range(2):
         assert cli("snapshot", "all", "--stype", "hourly", "--keep", "5").returncode == 0
@@ -120,7 +122,7 @@ def test_dataset_first_replicated_by_syncoid_continues_incrementally(
     node_factory, pool_factory, worker_factory, cli
 ):
     src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
-    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
     copy = pdst.ds(f"{VMS_ROOT}/vm1")
     hz.write_random(vm, 2)
     cli("snapshot", "new", "vm1")
@@ -144,7 +146,7 @@ def test_dataset_first_replicated_by_syncoid_continues_incrementally(
 
 def test_link_cut_mid_transfer_is_retried_and_completes(node_factory, pool_factory, worker_factory, cli):
     src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
-    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
     copy = pdst.ds(f"{VMS_ROOT}/vm1")
     hz.write_random(vm, 60)
     cli("snapshot", "new", "vm1")
@@ -166,7 +168,6 @@ def test_link_cut_mid_transfer_is_retried_and_completes(node_factory, pool_facto
 
 def test_backup_copies_are_skipped_by_replicate_all(node_factory, pool_factory, worker_factory, cli):
     src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
-    psrc.create_dataset(f"{VMS_ROOT}/vm1")
     cli("snapshot", "new", "vm1")
     _replicate(cli, "vm1", dst.name)
     # the target node runs a worker too, with the source as its own target
@@ -185,7 +186,7 @@ def test_backup_copies_are_skipped_by_replicate_all(node_factory, pool_factory, 
 
 def test_two_replications_of_one_dataset_never_overlap(node_factory, pool_factory, worker_factory, cli, app):
     src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
-    vm = psrc.create_dataset(f"{VMS_ROOT}/vm1")
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
     copy = pdst.ds(f"{VMS_ROOT}/vm1")
     hz.write_random(vm, 24)
     cli("snapshot", "new", "vm1")
@@ -195,7 +196,8 @@ def test_two_replications_of_one_dataset_never_overlap(node_factory, pool_factor
 
     def watch() -> None:
         while not stop.is_set():
-            ps = subprocess.run(["pgrep", "-f", f"zfs receive -u {copy}"], capture_output=True, text=True)
+            # anchored: the zfs process itself, not the ssh client whose argv carries the same words
+            ps = subprocess.run(["pgrep", "-f", f"^zfs receive -u {copy}$"], capture_output=True, text=True)
             receivers.append(len(ps.stdout.split()))
             time.sleep(0.05)
 
