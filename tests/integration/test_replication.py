@@ -216,3 +216,18 @@ def test_two_replications_of_one_dataset_never_overlap(node_factory, pool_factor
     assert max(receivers) == 1  # the second waited for the first: never two receives at once
     assert sorted(r["action"] for r in results) == ["full", "nothing"]
     assert guids(copy) == guids(vm)
+
+
+def test_cli_shows_transfer_progress_and_rate_limit_holds(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
+    hz.write_random(vm, 8)
+    cli("snapshot", "new", "vm1")
+    started = time.monotonic()
+    res = cli("vm", "replicate", "vm1", "--endpoint", dst.name, "--speed-limit", "2")
+    elapsed = time.monotonic() - started
+    assert res.returncode == 0, res.stderr
+    bars = [line for line in res.stderr.splitlines() if "MiB" in line and "%" in line]
+    assert len(bars) >= 2, res.stderr  # bytes sent of the estimate, while it ran
+    assert vm in bars[-1]
+    assert elapsed > 3  # 8 MiB at 2 MB/s cannot take less: the limiter is real (a bound, not a timing test)

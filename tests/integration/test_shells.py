@@ -1,0 +1,70 @@
+"""Both shells run the same argv the same way: hostile strings stay data, never syntax (zfs_autobackup's test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from harness import zfs as hz
+
+from hoster_tasks.errors import CommandFailed, DatasetNotFound
+from hoster_tasks.settings import Endpoint
+from hoster_tasks.zfs import ops
+from hoster_tasks.zfs.probe import probe
+from hoster_tasks.zfs.shell import LocalShell, SshShell
+
+HOSTILE = "a'b\"c $(touch {m}) `touch {m}` ; touch {m} | cat && touch {m} \\ \n end"
+
+
+@pytest.fixture
+def shells(node_factory):  # type: ignore[no-untyped-def]
+    node = node_factory("sh")
+    ssh = SshShell(Endpoint(**node.endpoint()))
+    yield [LocalShell(), ssh]
+    ssh.close()
+
+
+def test_hostile_string_is_one_argument_in_both_shells(shells, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    hostile = HOSTILE.format(m=marker)
+    for shell in shells:
+        out = shell.run(["printf", "%s", hostile])
+        assert out.stdout == hostile, shell.host
+        assert out.argv == ("printf", "%s", hostile)
+    assert not marker.exists()
+
+
+def test_odd_but_valid_dataset_name_through_both_shells(shells, pool_factory) -> None:
+    pool = pool_factory()
+    odd = pool.create_dataset("vm/web:01.prod_x-y")
+    hz.snapshot(odd, "custom_2026-01-01_00-00-00")
+    for shell in shells:
+        caps = probe(shell)
+        snaps = ops.list_snapshots(shell, [odd], caps)
+        assert [s.full for s in snaps[odd]] == [f"{odd}@custom_2026-01-01_00-00-00"], shell.host
+        assert ops.child_datasets(shell, [pool.ds("vm")]) == [odd]
+
+
+def test_errors_are_named_with_argv_exit_code_and_stderr_in_both_shells(shells, pool_factory) -> None:
+    pool = pool_factory()
+    missing = pool.ds("vm/absent")
+    for shell in shells:
+        with pytest.raises(DatasetNotFound) as err:
+            ops.destroy_snapshot(shell, f"{missing}@x")
+        assert err.value.argv == ["zfs", "destroy", f"{missing}@x"]
+        assert err.value.exit_code == 1 and "does not exist" in err.value.stderr
+
+
+def test_unknown_host_key_is_refused(node_factory, tmp_path: Path) -> None:
+    node = node_factory("stranger")
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    shell = SshShell(Endpoint(**node.endpoint(known_hosts=str(empty))))
+    with pytest.raises(CommandFailed) as err:
+        shell.run(["true"])
+    assert "host key" in err.value.stderr
+    # the OpenSSH data path refuses it too
+    from hoster_tasks.zfs.shell import ssh_argv
+
+    proc = node.exec(ssh_argv(Endpoint(**node.endpoint(known_hosts=str(empty))), ["true"]), check=False)
+    assert proc.returncode == 255 and "Host key verification failed" in proc.stderr
