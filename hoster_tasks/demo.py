@@ -79,7 +79,7 @@ def start_zfs(stack: ExitStack) -> None:
         image = SANDBOX / f"{pool}.img"
         _run(["truncate", "-s", "2G", str(image)])
         _run(["zpool", "create", "-m", str(SANDBOX / f"{pool}-mnt"), pool, str(image)])
-        stack.callback(lambda p=pool: subprocess.run(["zpool", "destroy", "-f", p], capture_output=True))
+        stack.callback(subprocess.run, ["zpool", "destroy", "-f", pool], capture_output=True)
     _run(["zfs", "create", ROOT])
     _run(["zfs", "create", f"{BACKUP}/vm-encrypted"])
     for vm in VMS:
@@ -146,7 +146,8 @@ def main() -> int:
             stack.callback(log.close)
             proc = subprocess.Popen([sys.executable, "-m", "hoster_tasks", *args], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=SANDBOX)
-            stack.callback(lambda p=proc: (p.terminate(), p.wait(30)))
+            stack.callback(proc.wait, 30)  # after terminate (callbacks run last-in, first-out)
+            stack.callback(proc.terminate)
 
         def cli(*args: str, show: bool = True) -> str:
             print(f"$ hoster-tasks {' '.join(args)}", flush=True)

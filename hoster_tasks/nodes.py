@@ -56,7 +56,7 @@ def inventory(shell: Shell, settings: Settings) -> list[VmInfo]:
 def publish(client: redis.Redis, settings: Settings, vms: list[VmInfo], now: float) -> None:
     key = keys.node(settings.node_name)
     ttl = max(int(settings.heartbeat_seconds * keys.NODE_TTL_FACTOR), 2)
-    payload = {
+    payload: dict[str | bytes, str] = {
         "queue": keys.node_queue(settings.node_name),
         "last_seen": str(now),
         "vms": json.dumps([v.__dict__ for v in vms]),

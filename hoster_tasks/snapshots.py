@@ -72,7 +72,8 @@ def prune(
     ctx: NodeContext, snaps: dict[str, list[Snapshot]], stype: str, keep: int, bases: dict[str, frozenset[int]]
 ) -> tuple[list[str], list[str]]:
     """Destroy the excess of `stype` per dataset; held/cloned ones that zfs refuses are spared, not fatal."""
-    destroyed, spared = [], []
+    destroyed: list[str] = []
+    spared: list[str] = []
     for ds, dataset_snaps in snaps.items():
         plan = plan_retention(dataset_snaps, stype, keep, bases.get(ds, frozenset()))
         spared += [f"{s.full} ({why})" for s, why in plan.spared]
@@ -95,7 +96,9 @@ def take(
     with ExitStack() as stack:
         busy = _lock_all(ctx, stack, datasets)
         locked = [ds for ds in datasets if ds not in busy]
-        taken, destroyed, spared = [], [], []
+        taken: list[str] = []
+        destroyed: list[str] = []
+        spared: list[str] = []
         if locked:
             before = ops.list_snapshots(ctx.shell, locked, ctx.caps, ctx.zfs)
             existing = {s.name for snaps in before.values() for s in snaps}

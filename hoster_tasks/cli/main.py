@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads 
             for node, res in sent.items():
                 out = _wait(res, args, timeout)
                 if out is not None:
-                    _print(out, args.json, lambda o, n=node: f"[{n}]\n" + _summary(o))
+                    print(f"[{node}]")
+                    _print(out, args.json, _summary)
         elif args.cmd in ("list", "list-all"):
             rows = client.list_snapshots(args.vm if args.cmd == "list" else None)
             _print(rows, args.json, snapshot_table)

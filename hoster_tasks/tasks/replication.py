@@ -166,7 +166,8 @@ def replicate_all(
     """Every VM this node owns (copies skipped), one listing per host, full + incremental in one run."""
     from hoster_tasks.replication.run_all import replicate_many
 
-    owned, skipped = [], []
+    owned: list[VmInfo] = []
+    skipped: list[VmInfo] = []
     for info in inventory(self.shell, self.settings):
         if vms and info.name not in vms:
             continue
