@@ -38,7 +38,15 @@ class NoLiveNode(Permanent):
 
 
 class Busy(Transient):
-    """Another job holds the dataset's lock."""
+    """Another job holds the dataset's lock. `datasets`: the busy ones; `taken`: what was done anyway."""
+
+    def __init__(self, message: str, datasets: list[str] | None = None, taken: list[str] | None = None) -> None:
+        super().__init__(message, datasets or [], taken or [])
+        self.datasets = datasets or []
+        self.taken = taken or []
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class LockLost(Transient):

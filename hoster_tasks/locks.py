@@ -57,7 +57,8 @@ class DatasetLock:
                 holder = self.client.get(self.key)
                 raise Busy(
                     f"dataset {self.spec.dataset} on {self.spec.node} is busy: another job holds its lock "
-                    f"(waited {self.spec.wait:.0f}s; holder {holder!r})"
+                    f"(holder {holder!r})",
+                    [self.spec.dataset],
                 )
         self.fence = int(self.client.incr(keys.lock_fence(self.spec.node, self.spec.dataset)))
         self._start_heartbeat()

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     zfs_command: str = "zfs"
     lock_lease_seconds: float = 60.0
     lock_wait_seconds: float = 30.0
+    # One attempt blocks a worker slot at most this long; the rest of the wait is task retries, which free the
+    # slot (a chain's next link may need it to release the very lock being waited for).
+    lock_attempt_seconds: float = 2.0
     heartbeat_seconds: float = 10.0
     error_dir: Path = Path("/var/run/replication")
     metrics_textfile: Path | None = None
@@ -144,7 +147,7 @@ class Settings(BaseSettings):
     def _node(cls, v: str) -> str:
         return validate_node_name(v)
 
-    @field_validator("lock_lease_seconds", "lock_wait_seconds", "heartbeat_seconds")
+    @field_validator("lock_lease_seconds", "lock_wait_seconds", "lock_attempt_seconds", "heartbeat_seconds")
     @classmethod
     def _positive(cls, v: float) -> float:
         if v <= 0:

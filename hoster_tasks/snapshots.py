@@ -39,7 +39,7 @@ class NodeContext:
             self.settings.node_name,
             dataset,
             lease=self.settings.lock_lease_seconds,
-            wait=self.settings.lock_wait_seconds if wait is None else wait,
+            wait=self.settings.lock_attempt_seconds if wait is None else wait,
         )
         return DatasetLock(self.redis, spec, token=token) if token else DatasetLock(self.redis, spec)
 
@@ -57,8 +57,8 @@ def replication_bases(ctx: NodeContext, datasets: Sequence[str]) -> dict[str, fr
 
 
 def _lock_all(ctx: NodeContext, stack: ExitStack, datasets: Sequence[str]) -> list[str]:
-    """Lock datasets in sorted order (no deadlock) within one shared wait; return the busy ones."""
-    deadline = time.monotonic() + ctx.settings.lock_wait_seconds
+    """Lock datasets in sorted order within one short shared wait (one attempt); return the busy ones."""
+    deadline = time.monotonic() + ctx.settings.lock_attempt_seconds
     busy = []
     for ds in sorted(datasets):
         try:
@@ -109,7 +109,7 @@ def take(
                 after = ops.list_snapshots(ctx.shell, locked, ctx.caps, ctx.zfs)
                 destroyed, spared = prune(ctx, after, stype, keep, replication_bases(ctx, locked))
     if busy:
-        raise Busy(f"busy (another job holds the lock), not snapshotted: {', '.join(busy)}; taken: {taken}")
+        raise Busy(f"busy: another job holds the lock of {', '.join(busy)}", busy, taken)
     return {"taken": taken, "destroyed": destroyed, "spared": spared}
 
 

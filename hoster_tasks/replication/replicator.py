@@ -74,11 +74,12 @@ class Replicator:
     def locks(self, dataset: str, token: str | None = None) -> tuple[DatasetLock, DatasetLock]:
         """Source and target dataset locks; either one lost stops the transfer."""
         s = self.ctx.settings
-        src = DatasetLock(self.ctx.redis, LockSpec(s.node_name, dataset, s.lock_lease_seconds, s.lock_wait_seconds))
+        # a short wait per attempt: a busy dataset fails this attempt as Busy, retried with backoff
+        src = DatasetLock(self.ctx.redis, LockSpec(s.node_name, dataset, s.lock_lease_seconds, s.lock_attempt_seconds))
         tgt = DatasetLock(
             self.ctx.redis,
             LockSpec(self.endpoint.name, self.endpoint.target_dataset(dataset), s.lock_lease_seconds,
-                     s.lock_wait_seconds),
+                     s.lock_attempt_seconds),
         )
         for lock in (src, tgt):
             if token:

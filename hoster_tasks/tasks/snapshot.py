@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from hoster_tasks import keys
 from hoster_tasks.celery_app import app
+from hoster_tasks.errors import Busy
 from hoster_tasks.nodes import inventory, live_nodes
 from hoster_tasks.observability.sentry import report_context
 from hoster_tasks.snapshots import NodeContext, describe, destroy_one, take
@@ -17,20 +19,45 @@ def _ctx(task: NodeTask) -> NodeContext:
     return NodeContext(task.settings, task.shell, task.caps, task.redis)
 
 
+def _wait_busy(task: NodeTask, exc: Busy, first_try: float | None, **kwargs: Any) -> Exception:
+    """Wait for a busy dataset by retrying (the worker slot is free meanwhile), up to lock_wait_seconds."""
+    first_try = first_try or time.time()
+    waited = time.time() - first_try
+    if waited < task.settings.lock_wait_seconds:
+        countdown = min(1.0, task.settings.lock_wait_seconds - waited)
+        return task.retry(args=[], kwargs={**kwargs, "first_try": first_try}, countdown=countdown, max_retries=None)
+    done = f"; snapshotted meanwhile: {', '.join(exc.taken)}" if exc.taken else ""
+    return Busy(f"{exc} (waited {waited:.0f}s){done}", exc.datasets, exc.taken)
+
+
 @app.task(name="hoster.snapshot.take", base=NodeTask, bind=True)
-def take_snapshot(self: NodeTask, vm: str, stype: str = "custom", keep: int | None = None) -> dict[str, Any]:
+def take_snapshot(
+    self: NodeTask, vm: str, stype: str = "custom", keep: int | None = None, first_try: float | None = None
+) -> dict[str, Any]:
     """Snapshot one VM; with `keep`, prune that VM's snapshots of `stype` to the newest `keep`."""
     info = self.find_vm(vm)
     report_context(vm=vm, dataset=info.dataset, node=self.settings.node_name)
-    return take(_ctx(self), [info.dataset], stype, keep, datetime.now(UTC))
+    try:
+        return take(_ctx(self), [info.dataset], stype, keep, datetime.now(UTC))
+    except Busy as exc:
+        raise _wait_busy(self, exc, first_try, vm=vm, stype=stype, keep=keep) from None
 
 
 @app.task(name="hoster.snapshot.take_all", base=NodeTask, bind=True)
-def take_all(self: NodeTask, stype: str, keep: int) -> dict[str, Any]:
-    """Snapshot every VM this node owns (backup copies of other nodes' VMs are left alone)."""
+def take_all(
+    self: NodeTask, stype: str, keep: int, only: list[str] | None = None, first_try: float | None = None
+) -> dict[str, Any]:
+    """Snapshot every VM this node owns (backup copies of other nodes' VMs are left alone).
+
+    Busy datasets are retried alone (`only`) until lock_wait_seconds: the others are not snapshotted twice.
+    """
     vms = [v for v in inventory(self.shell, self.settings) if v.parent == self.settings.node_name]
-    report_context(node=self.settings.node_name, dataset=",".join(v.dataset for v in vms))
-    result = take(_ctx(self), [v.dataset for v in vms], stype, keep, datetime.now(UTC))
+    datasets = [v.dataset for v in vms if only is None or v.dataset in only]
+    report_context(node=self.settings.node_name, dataset=",".join(datasets))
+    try:
+        result = take(_ctx(self), datasets, stype, keep, datetime.now(UTC))
+    except Busy as exc:
+        raise _wait_busy(self, exc, first_try, stype=stype, keep=keep, only=exc.datasets) from None
     return {"node": self.settings.node_name, **result}
 
 
@@ -62,6 +89,9 @@ def list_snapshots(self: NodeTask, vm: str | None = None) -> list[dict[str, Any]
 
 
 @app.task(name="hoster.snapshot.destroy", base=NodeTask, bind=True)
-def destroy_snapshot(self: NodeTask, snapshot: str) -> dict[str, Any]:
+def destroy_snapshot(self: NodeTask, snapshot: str, first_try: float | None = None) -> dict[str, Any]:
     datasets = [v.dataset for v in inventory(self.shell, self.settings)]
-    return destroy_one(_ctx(self), snapshot, datasets)
+    try:
+        return destroy_one(_ctx(self), snapshot, datasets)
+    except Busy as exc:
+        raise _wait_busy(self, exc, first_try, snapshot=snapshot) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -154,3 +155,23 @@ def test_unknown_vm_and_no_broker_are_one_line_errors(pool_factory, worker_facto
     res = cli("snapshot", "list-all", env={"HOSTER_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert res.returncode == 1 and "cannot reach the broker" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_snapshot_all_waits_for_a_busy_dataset_without_snapshotting_the_others_twice(
+    pool_factory, worker_factory, cli, redis_server
+):
+    pool = pool_factory()
+    a, b, c = make_vms(pool, "a", "b", "c")
+    worker_factory("n1", node_env(pool, HOSTER_LOCK_WAIT_SECONDS=20, HOSTER_LOCK_ATTEMPT_SECONDS=0.5),
+                   args=["-c", "1"])
+    client = redis_lib.Redis.from_url(redis_server.url)
+    lock = DatasetLock(client, LockSpec("n1", b, lease=30, wait=1)).acquire()
+    releaser = threading.Timer(3, lock.release)
+    releaser.start()
+    try:
+        res = cli("snapshot", "all", "--stype", "daily", "--keep", "3")
+    finally:
+        releaser.join()
+    assert res.returncode == 0, res.stderr
+    # one worker slot: the wait happened as retries, not by blocking the slot; each VM got exactly one
+    assert [len(snapshot_names(ds)) for ds in (a, b, c)] == [1, 1, 1]
