@@ -231,3 +231,38 @@ def test_cli_shows_transfer_progress_and_rate_limit_holds(node_factory, pool_fac
     assert len(bars) >= 2, res.stderr  # bytes sent of the estimate, while it ran
     assert vm in bars[-1]
     assert elapsed > 3  # 8 MiB at 2 MB/s cannot take less: the limiter is real (a bound, not a timing test)
+
+
+def test_a_lost_lock_stops_the_transfer_and_the_retry_completes(
+    node_factory, pool_factory, worker_factory, cli, redis_server
+):
+    import redis as redis_lib
+
+    from hoster_tasks import keys
+
+    src, dst, psrc, pdst, worker = two_nodes(
+        node_factory, pool_factory, worker_factory, HOSTER_LOCK_LEASE_SECONDS=3
+    )
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    hz.write_random(vm, 10)
+    cli("snapshot", "new", "vm1")
+    client = redis_lib.Redis.from_url(redis_server.url)
+    key = keys.dataset_lock("src", vm)
+
+    def steal() -> None:  # as if the lease had expired and another job took the lock
+        deadline = time.monotonic() + 20
+        while not client.exists(key) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)
+        client.set(key, "intruder", px=2500)
+
+    thief = threading.Thread(target=steal)
+    thief.start()
+    res = cli("vm", "replicate", "vm1", "--endpoint", dst.name, "--speed-limit", "2", timeout=240)
+    thief.join()
+    assert res.returncode == 0, res.stderr
+    log = worker.log_path.read_text()
+    assert "LockLost" in log and "lock was lost during the transfer" in log and "retry: Retry in" in log
+    assert guids(copy) == guids(vm)
+    assert _digest(copy) == _digest(vm)
