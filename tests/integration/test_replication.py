@@ -40,6 +40,9 @@ def test_first_then_incremental_then_nothing(node_factory, pool_factory, worker_
     assert _digest(copy) == _digest(vm)
     assert hz.get_property(copy, PARENT_PROPERTY) == "src"
     assert hz.get_property(vm, base_property(dst.name)) == str(list(guids(vm).values())[-1])
+    first_base = snapshot_names(vm)[-1]
+    for ds in (vm, copy):  # zfs-fuse has holds: the base is held on both sides
+        assert hz.get_property(f"{ds}@{first_base}", "userrefs") == "1"
 
     hz.write_random(vm, 1)
     cli("snapshot", "new", "vm1")
@@ -48,6 +51,10 @@ def test_first_then_incremental_then_nothing(node_factory, pool_factory, worker_
     assert second["action"] == "incremental"
     assert guids(copy) == guids(vm) and len(guids(copy)) == 5
     assert _digest(copy) == _digest(vm)
+    new_base = snapshot_names(vm)[-1]
+    for ds in (vm, copy):  # the hold moved forward with the base
+        assert hz.get_property(f"{ds}@{first_base}", "userrefs") == "0"
+        assert hz.get_property(f"{ds}@{new_base}", "userrefs") == "1"
 
     third = _replicate(cli, "vm1", dst.name)
     assert third["action"] == "nothing" and third["sent"] == [] and guids(copy) == guids(vm)
