@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -29,9 +30,21 @@ def _label_value(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def format_value(value: float) -> str:
+    """Exact: `%g` keeps 6 digits, which moved timestamps by up to 500 s and rounded byte counters."""
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)  # the shortest form that reads back as the same float
+
+
 def _line(name: str, labels: dict[str, str], value: float) -> str:
     inner = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
-    return f"{name}{{{inner}}} {value:g}"
+    return f"{name}{{{inner}}} {format_value(value)}"
 
 
 def _hashes(client: redis.Redis, pattern: str) -> Iterator[tuple[list[str], dict[str, str]]]:
@@ -76,9 +89,14 @@ def samples(client: redis.Redis, now: float) -> dict[str, list[str]]:
 
 
 def collect_metrics(settings: Settings, now: float | None = None) -> str:
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    # closed at once: workers call this after every task and from the heartbeat thread
+    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as client:
+        return render_metrics(samples(client, time.time() if now is None else now))
+
+
+def render_metrics(by_name: dict[str, list[str]]) -> str:
     lines = []
-    for name, rows in samples(client, time.time() if now is None else now).items():
+    for name, rows in by_name.items():
         kind, text = HELP[name]
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *rows]
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -24,6 +25,21 @@ def _age(ts: str | None, now: float) -> str:
         return "never"
     secs = int(now - float(ts))
     return f"{secs // 3600}h{secs % 3600 // 60:02d}m ago" if secs >= 3600 else f"{secs // 60}m{secs % 60:02d}s ago"
+
+
+_COMMAND_ERROR = re.compile(r" exited -?\d+: (?P<stderr>.*)", re.DOTALL)
+_STAGES = re.compile(r"\s*\[stages: [^\]]*\]\s*$")
+
+
+def error_summary(text: str | None, width: int = 60) -> str:
+    """What a failed run's error says, in `width` characters: for a failed command, the first line of its
+    stderr (the recorded text starts with the whole ssh/zfs argv, which says nothing in a table)."""
+    if not text:
+        return ""
+    match = _COMMAND_ERROR.search(text)
+    body = _STAGES.sub("", match["stderr"]) if match else text
+    line = next((ln.strip() for ln in body.splitlines() if ln.strip()), "") or text.strip()
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def collect_status(settings: Settings, now: float | None = None) -> dict[str, Any]:
@@ -58,7 +74,7 @@ def render_status(status: dict[str, Any]) -> str:
         targets = v["replication"] or {"-": {}}
         for target, r in targets.items():
             lag = _age(r.get("target_newest_creation"), now) if r.get("target_newest_creation") else "-"
-            err = (r.get("last_error") or "")[:60] if r.get("error") == "1" else ""
+            err = error_summary(r.get("last_error")) if r.get("error") == "1" else ""
             rows.append((v["node"], v["vm"] + copy, _age(v["last_snapshot_time"], now), target,
                          _age(r.get("last_success"), now) if r else "-", lag, err))
     parts.append(render("Hoster VMs", ("Node", "VM", "Last Snapshot", "Target", "Last Replication", "Lag",

@@ -132,6 +132,14 @@ class Replicator:
                            f"{plan.reason}. Nothing was changed on either side.")
         return plan
 
+    def prepare(self, dataset: str) -> tuple[Sides, Plan, int]:
+        """Under the locks: list both sides, finish an interrupted receive, plan. Returns bytes resumed."""
+        sides = self.list_sides([dataset])
+        resumed = self.resume(dataset, sides)
+        if resumed is not None:
+            sides = self.list_sides([dataset])
+        return sides, self.plan(dataset, sides), resumed.bytes if resumed else 0
+
     # -- data path -----------------------------------------------------------------------------------
     def send_step(self, dataset: str, step: Step, sides: Sides) -> PipelineResult:
         target = self.endpoint.target_dataset(dataset)

@@ -32,12 +32,9 @@ def replicate_one(rep: Replicator, dataset: str) -> dict[str, Any]:
     """Under both locks: plan, send every step, finish. Returns what was done."""
     src_lock, tgt_lock = rep.locks(dataset)
     with src_lock, tgt_lock:
-        before = rep.list_sides([dataset])
-        sent, nbytes, seconds = [], 0, 0.0
-        if (resumed := rep.resume(dataset, before)) is not None:
-            nbytes += resumed.bytes
-            before = rep.list_sides([dataset])
-        plan = rep.plan(dataset, before)
+        before, plan, nbytes = rep.prepare(dataset)
+        sent: list[str] = []
+        seconds = 0.0
         for step in plan.steps:
             src_lock.check()
             tgt_lock.check()

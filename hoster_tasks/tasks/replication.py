@@ -109,11 +109,8 @@ def step(
     try:
         src_lock.acquire()
         tgt_lock.acquire()
-        sides = rep.list_sides([dataset])
-        if (resumed := rep.resume(dataset, sides)) is not None:
-            acc["bytes"] += resumed.bytes
-            sides = rep.list_sides([dataset])
-        plan = rep.plan(dataset, sides)
+        sides, plan, resumed = rep.prepare(dataset)
+        acc["bytes"] += resumed
         if plan.steps:
             first = plan.steps[0]
             src_lock.check()
