@@ -12,4 +12,5 @@ lint:
 	$(PYTHON) -m mypy tests/harness tests/conftest.py
 
 demo:
+	bash scripts/bootstrap.sh
 	$(PYTHON) -m hoster_tasks.demo
