@@ -4,6 +4,7 @@ PYTHON ?= python
 .PHONY: test lint demo
 
 test:
+	bash scripts/bootstrap.sh
 	$(PYTHON) -m pytest -q
 
 lint:
