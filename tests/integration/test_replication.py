@@ -211,10 +211,11 @@ def test_two_replications_of_one_dataset_never_overlap(node_factory, pool_factor
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        args = ("vm", "replicate", "vm1", "--endpoint", dst.name, "--speed-limit", "8", "--no-wait")
+        args = ("vm", "replicate", "vm1", "--endpoint", dst.name, "--speed-limit", "2", "--no-wait")
         ids = [cli(*args).stdout.strip() for _ in range(2)]
         time.sleep(1)
-        busy = cli("snapshot", "new", "vm1")  # a snapshot of a replicating dataset waits, then fails busy
+        # 24 MiB at 2 MB/s holds the lock ~12 s: longer than the snapshot may wait (2 s), so it fails busy
+        busy = cli("snapshot", "new", "vm1")
         results = [AsyncResult(i, app=app).get(timeout=180) for i in ids]
     finally:
         stop.set()
