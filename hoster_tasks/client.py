@@ -93,6 +93,11 @@ class Client:
         validate_vm(vm)
         _check_speed(speed_limit)
         node, _ = locate_vm(self.redis, vm)
+        if endpoint not in node.endpoints:  # the node publishes its targets' names and hosts
+            from hoster_tasks.errors import ConfigError
+
+            known = ", ".join(node.endpoints) or "none configured"
+            raise ConfigError(f"unknown endpoint {endpoint!r} for node {node.name} (its targets: {known})")
         return self._send(REPLICATE, node.name, vm, endpoint, speed_limit=speed_limit)
 
     def replicate_all(

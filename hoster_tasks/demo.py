@@ -20,7 +20,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 SANDBOX = Path(os.environ.get("HOSTER_DEMO_DIR", Path.cwd() / ".sandbox"))
-POOL, BACKUP = "htdemo", "htdemobk"
+_RUN = os.urandom(2).hex()  # fresh pool names per run: a pool some other mount namespace still pins is no obstacle
+POOL, BACKUP = f"htdemo{_RUN}", f"htdemobk{_RUN}"
 ROOT = f"{POOL}/vm-encrypted"
 VMS = ("web-01", "db-01", "test-vm-1")
 
@@ -75,11 +76,10 @@ def start_zfs(stack: ExitStack) -> None:
         stack.callback(lambda: subprocess.run(["pkill", "-x", "zfs-fuse"], check=False))
     _wait("zfs-fuse", lambda: subprocess.run(["zpool", "list"], capture_output=True).returncode == 0)
     for pool in (POOL, BACKUP):
-        subprocess.run(["zpool", "destroy", "-f", pool], capture_output=True, check=False)
         image = SANDBOX / f"{pool}.img"
         _run(["truncate", "-s", "2G", str(image)])
         _run(["zpool", "create", "-m", str(SANDBOX / f"{pool}-mnt"), pool, str(image)])
-        stack.callback(subprocess.run, ["zpool", "destroy", "-f", pool], capture_output=True)
+        stack.callback(_destroy_pool, pool, image)
     _run(["zfs", "create", ROOT])
     _run(["zfs", "create", f"{BACKUP}/vm-encrypted"])
     for vm in VMS:
@@ -87,6 +87,17 @@ def start_zfs(stack: ExitStack) -> None:
         with open(SANDBOX / f"{POOL}-mnt" / "vm-encrypted" / vm / "disk0.img", "wb") as fh:
             fh.write(os.urandom(4 << 20))
     os.sync()
+
+
+def _destroy_pool(pool: str, image: Path) -> None:
+    """zfs-fuse may call a pool busy for a moment after its last use: retry for a while."""
+    deadline = time.monotonic() + 20
+    while subprocess.run(["zpool", "destroy", "-f", pool], capture_output=True).returncode != 0:
+        if time.monotonic() > deadline:
+            print(f"demo: could not destroy pool {pool}; remove it later with `zpool destroy {pool}`")
+            return
+        time.sleep(1)
+    image.unlink(missing_ok=True)
 
 
 def start_sshd(stack: ExitStack) -> dict[str, object]:

@@ -21,16 +21,17 @@ def bar(done: int, total: int | None, label: str = "") -> str:
 def wait_with_progress(result: Any, timeout: float, out: TextIO = sys.stderr, poll: float = 0.5) -> Any:
     """Poll the result backend; PROGRESS meta {dataset, bytes, total} becomes a bar. Raises the task's error."""
     deadline = time.monotonic() + timeout
-    drawn = False
+    drawn = last = ""
     while not result.ready():
         if time.monotonic() > deadline:
             break
         info = result.info if result.state == "PROGRESS" else None
         if isinstance(info, dict) and "bytes" in info:
             line = bar(int(info["bytes"]), info.get("total"), str(info.get("dataset", "")))
-            out.write(("\r" if out.isatty() else "") + line + ("" if out.isatty() else "\n"))
-            out.flush()
-            drawn = True
+            if line != last:  # a pipe gets one line per change, a terminal one redrawn line
+                out.write(("\r" if out.isatty() else "") + line + ("" if out.isatty() else "\n"))
+                out.flush()
+                drawn = last = line
         time.sleep(poll)
     if drawn and out.isatty():
         out.write("\n")

@@ -20,6 +20,15 @@ def flower_env(basic_auth: str | None) -> dict[str, str]:
     auth = basic_auth or os.environ.get("FLOWER_BASIC_AUTH")
     if not auth or ":" not in auth:
         raise ConfigError("Flower needs authentication: --basic-auth user:password or FLOWER_BASIC_AUTH")
+    # Flower splits the value on commas (several user:password pairs): each one must have both halves, or a
+    # comma inside a password would leave an entry with an empty password or none at all
+    for entry in auth.split(","):
+        user, _, password = entry.partition(":")
+        if not user or not password:
+            raise ConfigError(
+                "Flower basic auth must be user:password[,user:password...] with a non-empty user and password "
+                "(a password cannot contain ',')"
+            )
     return {**os.environ, "FLOWER_BASIC_AUTH": auth}
 
 

@@ -23,7 +23,7 @@ def _hash(client: redis.Redis, key: str) -> dict[str, str]:
 def _age(ts: str | None, now: float) -> str:
     if not ts:
         return "never"
-    secs = int(now - float(ts))
+    secs = max(int(now - float(ts)), 0)  # another host's clock may run ahead: not "-1m55s ago"
     return f"{secs // 3600}h{secs % 3600 // 60:02d}m ago" if secs >= 3600 else f"{secs // 60}m{secs % 60:02d}s ago"
 
 
@@ -44,7 +44,11 @@ def error_summary(text: str | None, width: int = 60) -> str:
 
 def collect_status(settings: Settings, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as client:
+        return _collect(client, now)
+
+
+def _collect(client: redis.Redis, now: float) -> dict[str, Any]:
     live = {n.name: n for n in live_nodes(client)}
     vms, running = [], []
     for node in live.values():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -118,7 +118,7 @@ class Replicator:
         return parse_get(lines), missing
 
     # -- checks and plan -----------------------------------------------------------------------------
-    def plan(self, dataset: str, sides: Sides) -> Plan:
+    def check_owner(self, dataset: str, sides: Sides) -> None:
         target = self.endpoint.target_dataset(dataset)
         owner = sides.target_props.get(target, {}).get(ops.PARENT_PROPERTY, "-")
         if owner not in ("-", "", self.ctx.settings.node_name):
@@ -126,6 +126,10 @@ class Replicator:
                 f"{self.endpoint.name}:{target} belongs to node {owner!r} (its parent): refusing to replicate "
                 f"{self.ctx.settings.node_name}:{dataset} over it"
             )
+
+    def plan(self, dataset: str, sides: Sides) -> Plan:
+        self.check_owner(dataset, sides)
+        target = self.endpoint.target_dataset(dataset)
         plan = plan_replication(sides.source[dataset], sides.target[target])
         if plan.action is Action.DIVERGED:
             raise Diverged(f"{self.ctx.settings.node_name}:{dataset} -> {self.endpoint.name}:{target} diverged: "
@@ -133,10 +137,13 @@ class Replicator:
         return plan
 
     def prepare(self, dataset: str) -> tuple[Sides, Plan, int]:
-        """Under the locks: list both sides, finish an interrupted receive, plan. Returns bytes resumed."""
+        """Under the locks: list both sides, check the copy is ours to write, finish an interrupted receive
+        (or abort it), then plan from a fresh listing. Returns the bytes resumed."""
         sides = self.list_sides([dataset])
+        self.check_owner(dataset, sides)  # before resume: a foreign copy's partial receive is not ours either
+        had_token = self._token(dataset, sides) is not None
         resumed = self.resume(dataset, sides)
-        if resumed is not None:
+        if had_token:  # resumed or aborted: either way the target changed
             sides = self.list_sides([dataset])
         return sides, self.plan(dataset, sides), resumed.bytes if resumed else 0
 
@@ -153,8 +160,8 @@ class Replicator:
     def resume(self, dataset: str, sides: Sides) -> PipelineResult | None:
         """Finish an interrupted resumable receive; abort a token whose snapshot is gone."""
         target = self.endpoint.target_dataset(dataset)
-        token = sides.target_props.get(target, {}).get(RESUME_TOKEN, "-")
-        if not self._resumable() or token in ("-", ""):
+        token = self._token(dataset, sides)
+        if token is None:
             return None
         send_argv = cmd.send("", None, cmd.SendOptions(resume_token=token), self.ctx.zfs)
         try:
@@ -163,18 +170,26 @@ class Replicator:
             self.target_shell.run(cmd.receive_abort(target, self.ctx.zfs))
             return None
 
+    def _token(self, dataset: str, sides: Sides) -> str | None:
+        token = sides.target_props.get(self.endpoint.target_dataset(dataset), {}).get(RESUME_TOKEN, "-")
+        return token if self._resumable() and token not in ("-", "") else None
+
     def _transfer(self, dataset: str, send_argv: list[str], recv_argv: list[str], total: int | None) -> PipelineResult:
         def report(n: int) -> None:
             if self.progress is not None:
                 self.progress({"dataset": dataset, "target": self.endpoint.name, "bytes": n, "total": total})
 
-        return run_pipeline(
+        result = run_pipeline(
             Stage(self.ctx.shell.process_argv(send_argv), "local"),
             Stage(self.target_shell.process_argv(recv_argv), self.endpoint.name),
             speed_limit_mb=self.speed_limit,
             progress=report,
             cancel=self.cancel,
         )
+        if self.progress is not None:  # the final count, which a throttled report may have skipped
+            self.progress({"dataset": dataset, "target": self.endpoint.name, "bytes": result.bytes,
+                           "total": max(total or 0, result.bytes) or None, "done": True})
+        return result
 
     def _raw(self, dataset: str, sides: Sides) -> bool:
         enc = sides.source_props.get(dataset, {}).get("encryption", "off")
@@ -207,7 +222,9 @@ class Replicator:
             ops.set_property(
                 self.ctx.shell, dataset, ops.base_property(self.endpoint.name), str(base.guid), self.ctx.zfs
             )
-            self._move_holds(dataset, base, old_guid, after)
+        if old_guid != str(base.guid) or self.base_unheld(dataset, after):
+            released = self._move_holds(dataset, base, old_guid, after)
+            after = _without_holds(after, target, released)  # the old base is prunable in this same run
         if after.target_props.get(target, {}).get(ops.PARENT_PROPERTY, "-") in ("-", ""):
             # first run: mark the copy as a backup of this node, and read-only (see commands.set_readonly)
             ops.set_property(self.target_shell, target, ops.PARENT_PROPERTY, self.ctx.settings.node_name,
@@ -217,6 +234,15 @@ class Replicator:
         newest_target = max((s.creation for s in after.target[target] or []), default=0)
         return {"base": base.full, "pruned_on_target": pruned, "target_newest_creation": newest_target}
 
+    def base_unheld(self, dataset: str, sides: Sides) -> bool:
+        """True where holds exist but the recorded base lacks ours on either side (a run that died midway)."""
+        if not (self.ctx.caps.holds and self.target_caps.holds):
+            return False
+        recorded = sides.source_props.get(dataset, {}).get(ops.base_property(self.endpoint.name), "-")
+        both = (sides.source[dataset], sides.target.get(self.endpoint.target_dataset(dataset)) or [])
+        return any(s.guid == int(recorded) and s.userrefs == 0 for snaps in both for s in snaps) \
+            if recorded.isdigit() else False
+
     def _base_after(self, dataset: str, after: Sides) -> Snapshot:
         target_guids = {s.guid for s in after.target[self.endpoint.target_dataset(dataset)] or []}
         common = [s for s in after.source[dataset] if s.guid in target_guids]
@@ -224,9 +250,10 @@ class Replicator:
             raise Diverged(f"after the transfer {dataset} has no snapshot in common with {self.endpoint.name}")
         return common[-1]
 
-    def _move_holds(self, dataset: str, base: Snapshot, old_guid: str, after: Sides) -> None:
+    def _move_holds(self, dataset: str, base: Snapshot, old_guid: str, after: Sides) -> set[int]:
+        """Hold the new base on both sides, release the old one; returns the GUIDs released."""
         if not (self.ctx.caps.holds and self.target_caps.holds):
-            return
+            return set()
         target = self.endpoint.target_dataset(dataset)
         t_base = next(s for s in after.target[target] or [] if s.guid == base.guid)
         for shell, snap in ((self.ctx.shell, base), (self.target_shell, t_base)):
@@ -234,12 +261,14 @@ class Replicator:
                 shell.run(cmd.hold(self.tag, snap.full, self.ctx.zfs))
             except (SnapshotExists, SnapshotHeld):
                 pass  # already held by us: holds are idempotent here
-        if old_guid.isdigit() and int(old_guid) != base.guid:
-            old = int(old_guid)
-            for shell, snaps in ((self.ctx.shell, after.source[dataset]), (self.target_shell, after.target[target])):
-                for snap in snaps or []:
-                    if snap.guid == old:
-                        shell.run(cmd.release(self.tag, snap.full, self.ctx.zfs), check=False)
+        if not old_guid.isdigit() or int(old_guid) == base.guid:
+            return set()
+        old = int(old_guid)
+        for shell, snaps in ((self.ctx.shell, after.source[dataset]), (self.target_shell, after.target[target])):
+            for snap in snaps or []:
+                if snap.guid == old:
+                    shell.run(cmd.release(self.tag, snap.full, self.ctx.zfs), check=False)
+        return {old}
 
     def _prune_target(self, dataset: str, base: Snapshot, after: Sides) -> list[str]:
         target = self.endpoint.target_dataset(dataset)
@@ -274,3 +303,12 @@ class Replicator:
         key = keys.replication_state(self.ctx.settings.node_name, dataset, self.endpoint.name)
         self.ctx.redis.hset(key, mapping={"error": "1", "last_error": error[:2000], "last_failure": str(time.time())})
         self.ctx.redis.hincrby(key, "failures", 1)
+
+
+def _without_holds(sides: Sides, target: str, released: set[int]) -> Sides:
+    """`sides` with our just-released hold taken off the target's snapshots (saves a listing)."""
+    if not released:
+        return sides
+    snaps = [replace(s, userrefs=max(s.userrefs - 1, 0)) if s.guid in released else s
+             for s in sides.target[target] or []]
+    return replace(sides, target={**sides.target, target: snaps})

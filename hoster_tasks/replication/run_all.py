@@ -25,7 +25,7 @@ def _needs_work(rep: Replicator, dataset: str, sides: Sides) -> bool:
     if plan.action is not Action.NOTHING or plan.common is None:
         return plan.action is not Action.NOTHING
     recorded = sides.source_props.get(dataset, {}).get(ops.base_property(rep.endpoint.name), "-")
-    return recorded != str(plan.common.guid)
+    return recorded != str(plan.common.guid) or rep.base_unheld(dataset, sides)
 
 
 def replicate_one(rep: Replicator, dataset: str) -> dict[str, Any]:

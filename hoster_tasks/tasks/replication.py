@@ -45,7 +45,7 @@ class ReplicationTask(NodeTask):
 
         def report(meta: dict[str, Any]) -> None:
             now = time.monotonic()
-            if now - last[0] < 0.5:
+            if now - last[0] < 0.5 and not meta.get("done"):
                 return
             last[0] = now
             self.send_event("task-progress", **meta)  # Flower shows the task as PROGRESS

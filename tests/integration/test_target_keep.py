@@ -1,0 +1,181 @@
+"""A target with its own keep policy, and `vm replicate-all --filter / --script-name`, through the real parts:
+two namespaced nodes with sshd, a worker on the source, zfs-fuse, the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from harness import zfs as hz
+from scenario import VMS_ROOT, guids, make_vms, node_env, two_nodes
+
+from hoster_tasks.names import parse_snapshot_name
+from hoster_tasks.zfs.ops import base_property
+
+
+def two_nodes_with_target_keep(  # type: ignore[no-untyped-def]
+    node_factory, pool_factory, worker_factory, keep: dict[str, int], vms: tuple[str, ...] = ("vm1",)
+):
+    """`scenario.two_nodes`, but the endpoint entry carries a `keep` policy of its own for the target.
+
+    (`two_nodes` builds its endpoint inside and takes no endpoint overrides, so the same setup is built here.)
+    """
+    src, dst = node_factory("src"), node_factory("dst")
+    psrc, pdst = pool_factory(), pool_factory()
+    pdst.create_dataset(VMS_ROOT)
+    make_vms(psrc, *vms)
+    endpoint = dst.endpoint(
+        root_map={psrc.ds(VMS_ROOT): pdst.ds(VMS_ROOT)}, keepalive_seconds=1, connect_timeout=3, keep=keep
+    )
+    env = node_env(psrc, HOSTER_TARGETS=[endpoint], HOSTER_RETRY_MAX=8, HOSTER_RETRY_BACKOFF_MAX_SECONDS=4)
+    worker = worker_factory(src, env)
+    return src, dst, psrc, pdst, worker
+
+
+def _of_type(dataset: str, stype: str) -> list[str]:
+    """Short names of `dataset`'s snapshots of this system's type `stype`, oldest first."""
+    out = []
+    for name in guids(dataset):
+        parsed = parse_snapshot_name(name)
+        if parsed is not None and parsed.stype == stype:
+            out.append(name)
+    return out
+
+
+def _snapshot_all(cli, stype: str, keep: int) -> None:  # type: ignore[no-untyped-def]
+    res = cli("snapshot", "all", "--stype", stype, "--keep", str(keep))
+    assert res.returncode == 0, res.stderr
+
+
+def _replicate(cli, vm: str, endpoint: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    res = cli("vm", "replicate", vm, "--endpoint", endpoint, "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_target_keep_policy_prunes_the_target_only(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, _ = two_nodes_with_target_keep(
+        node_factory, pool_factory, worker_factory, keep={"hourly": 2}
+    )
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    hz.write_random(vm, 1)
+    _snapshot_all(cli, "daily", 2)
+    for _ in range(4):
+        _snapshot_all(cli, "hourly", 4)
+    src_hourly = _of_type(vm, "hourly")
+    assert len(src_hourly) == 4
+
+    out = _replicate(cli, "vm1", dst.name)
+    assert out["action"] == "full"
+
+    # the source keeps its 4 hourly; the target keeps only the newest 2 of them
+    assert _of_type(vm, "hourly") == src_hourly
+    assert _of_type(copy, "hourly") == src_hourly[-2:]
+    assert sorted(out["pruned_on_target"]) == sorted(f"{copy}@{n}" for n in src_hourly[:2])
+    # the other types are mirrored: the daily is on both sides
+    assert _of_type(copy, "daily") == _of_type(vm, "daily") and len(_of_type(vm, "daily")) == 1
+    # what is left on the target is exactly the source's snapshots, GUID for GUID
+    assert set(guids(copy).items()) <= set(guids(vm).items())
+    # the common base is the newest snapshot: recorded on the source, present on both sides
+    base = list(guids(vm))[-1]
+    assert base in guids(copy)
+    assert hz.get_property(vm, base_property(dst.name)) == str(guids(vm)[base])
+
+
+def test_target_keep_mirrors_other_types_and_never_prunes_the_base(
+    node_factory, pool_factory, worker_factory, cli
+):
+    """Second run: the source pruned a daily (mirrored on the target); the target keeps its 2 newest hourly
+    (up to the extra old base, see the xfail test below); the new common base stays on both sides."""
+    src, dst, psrc, pdst, _ = two_nodes_with_target_keep(
+        node_factory, pool_factory, worker_factory, keep={"hourly": 2}
+    )
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    hz.write_random(vm, 1)
+    _snapshot_all(cli, "daily", 2)
+    for _ in range(4):
+        _snapshot_all(cli, "hourly", 4)
+    _replicate(cli, "vm1", dst.name)
+    first_daily = _of_type(vm, "daily")[0]
+    first_base = list(guids(vm))[-1]
+
+    for _ in range(2):
+        _snapshot_all(cli, "daily", 2)  # the source drops its first daily
+    for _ in range(2):
+        _snapshot_all(cli, "hourly", 4)
+    assert first_daily not in guids(vm)
+    src_hourly = _of_type(vm, "hourly")
+    assert len(src_hourly) == 4
+
+    out = _replicate(cli, "vm1", dst.name)
+    assert out["action"] == "incremental"
+    base = list(guids(vm))[-1]
+    assert out["base"] == f"{vm}@{base}"
+    assert base in guids(copy)  # the new common base is never pruned
+    assert hz.get_property(vm, base_property(dst.name)) == str(guids(vm)[base])
+    assert _of_type(vm, "hourly") == src_hourly  # the target's policy never touches the source
+    # daily: mirrored (the source's pruned one is gone from the target as well)
+    assert _of_type(copy, "daily") == _of_type(vm, "daily") and len(_of_type(copy, "daily")) == 2
+    assert first_daily not in guids(copy)
+    # hourly: the newest 2, plus at most the old base whose hold this very run released
+    assert _of_type(copy, "hourly")[-2:] == src_hourly[-2:]
+    assert set(_of_type(copy, "hourly")) <= set(src_hourly[-2:]) | {first_base}
+    assert set(guids(copy).items()) <= set(guids(vm).items())
+
+
+def test_target_keep_drops_the_released_old_base_in_the_same_run(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, _ = two_nodes_with_target_keep(
+        node_factory, pool_factory, worker_factory, keep={"hourly": 2}
+    )
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    for _ in range(4):
+        _snapshot_all(cli, "hourly", 4)
+    _replicate(cli, "vm1", dst.name)
+    for _ in range(2):
+        _snapshot_all(cli, "hourly", 4)
+    _replicate(cli, "vm1", dst.name)
+    assert _of_type(copy, "hourly") == _of_type(vm, "hourly")[-2:]
+
+
+def test_replicate_all_filter_replicates_only_the_named_vm(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory, vms=("vm1", "vm2"))
+    for name in ("vm1", "vm2"):
+        hz.write_random(psrc.ds(f"{VMS_ROOT}/{name}"), 1)
+    _snapshot_all(cli, "hourly", 3)
+
+    res = cli("vm", "replicate-all", "--endpoint", dst.name, "--filter", "vm1", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [r["dataset"] for r in out["results"]] == [psrc.ds(f"{VMS_ROOT}/vm1")]
+    assert out["results"][0]["action"] == "full" and out["failed"] == []
+    assert guids(pdst.ds(f"{VMS_ROOT}/vm1")) == guids(psrc.ds(f"{VMS_ROOT}/vm1"))
+    assert not hz.exists(pdst.ds(f"{VMS_ROOT}/vm2"))
+
+
+def test_replicate_all_script_name_names_the_error_file(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, worker = two_nodes(node_factory, pool_factory, worker_factory)
+    vm = psrc.ds(f"{VMS_ROOT}/vm1")
+    copy = pdst.create_dataset(f"{VMS_ROOT}/vm1")  # an unrelated dataset sits where the copy goes
+    hz.snapshot(copy, "theirs")
+    hz.write_random(vm, 1)
+    _snapshot_all(cli, "hourly", 3)
+    errors = worker.log_path.parent / "errors"
+
+    failed = cli("vm", "replicate-all", "--endpoint", dst.name, "--script-name", "nightly")
+    assert failed.returncode == 1
+    assert "no snapshot in common" in failed.stderr
+    assert sorted(p.name for p in errors.glob("ERROR_*")) == ["ERROR_nightly"]
+    assert vm in (errors / "ERROR_nightly").read_text()
+    assert list(guids(copy)) == ["theirs"]  # refused, untouched
+
+    hz.destroy(copy, recursive=True)  # the operator clears the way
+    ok = cli("vm", "replicate-all", "--endpoint", dst.name, "--script-name", "nightly", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["results"][0]["action"] == "full"
+    assert list(errors.glob("ERROR_*")) == []
+    assert guids(copy) == guids(vm)
