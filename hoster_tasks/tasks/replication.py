@@ -41,6 +41,8 @@ class ReplicationTask(NodeTask):
         return Replicator(ctx, self.settings.endpoint(endpoint), speed_limit, self._progress(report_to))
 
     def _progress(self, report_to: str | None) -> Any:
+        # Captured now: `report` runs in the pipeline's pv reader thread, where the task request is empty.
+        own_id, hostname = self.request.id, self.request.hostname
         last = [0.0]
 
         def report(meta: dict[str, Any]) -> None:
@@ -48,8 +50,10 @@ class ReplicationTask(NodeTask):
             if now - last[0] < 0.5 and not meta.get("done"):
                 return
             last[0] = now
-            self.send_event("task-progress", **meta)  # Flower shows the task as PROGRESS
-            for task_id in {self.request.id, report_to} - {None}:
+            if own_id:  # Flower shows the task as PROGRESS
+                with self.app.events.default_dispatcher(hostname=hostname) as dispatcher:
+                    dispatcher.send("task-progress", uuid=own_id, **meta)
+            for task_id in {own_id, report_to} - {None}:
                 self.update_state(task_id=task_id, state="PROGRESS", meta=meta)  # the CLI's bar
 
         return report

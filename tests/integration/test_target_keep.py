@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
 from harness import zfs as hz
 from scenario import VMS_ROOT, guids, make_vms, node_env, two_nodes
 
