@@ -18,7 +18,7 @@ import pytest
 import requests
 from harness import zfs as hz
 from harness.proc import free_port, stop_process, tail, wait_until
-from scenario import PROJECT_ROOT, VMS_ROOT, make_vms, node_env, snapshot_names
+from scenario import PROJECT_ROOT, VMS_ROOT, snapshot_names, two_nodes
 
 USER, PASSWORD = "ops", "fl0wer-pw"
 CHROMIUM = "/usr/bin/chromium"
@@ -86,25 +86,10 @@ def flower(redis_server, tmp_path) -> Iterator[Flower]:  # type: ignore[no-untyp
         stop_process(proc, timeout=10, group=True)
 
 
-def _nodes(node_factory, pool_factory, worker_factory, **extra):  # type: ignore[no-untyped-def]
-    """`src` holds vm1; endpoints `dst` (works) and `broken` (its root is missing on the target node)."""
-    src, dst = node_factory("src"), node_factory("dst")
-    psrc, pdst = pool_factory(), pool_factory()
-    pdst.create_dataset(VMS_ROOT)
-    make_vms(psrc, "vm1")
-    good = dst.endpoint(root_map={psrc.ds(VMS_ROOT): pdst.ds(VMS_ROOT)}, keepalive_seconds=1, connect_timeout=3)
-    broken = dst.endpoint(name="broken", root_map={psrc.ds(VMS_ROOT): pdst.ds("missing/vm")},
-                          keepalive_seconds=1, connect_timeout=3)
-    env = node_env(psrc, HOSTER_TARGETS=[good, broken], HOSTER_RETRY_MAX=3, HOSTER_RETRY_BACKOFF_MAX_SECONDS=2)
-    env.update(extra)
-    worker_factory(src, env)
-    return src, dst, psrc, pdst
-
-
 def test_flower_api_shows_tasks_refuses_strangers_and_sends_tasks(
     flower, node_factory, pool_factory, worker_factory, cli
 ):
-    src, dst, psrc, pdst = _nodes(node_factory, pool_factory, worker_factory)
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory, broken_target=True)
     vm = psrc.ds(f"{VMS_ROOT}/vm1")
     assert cli("snapshot", "new", "vm1").returncode == 0
     res = cli("vm", "replicate", "vm1", "--endpoint", "broken")
@@ -145,7 +130,7 @@ def test_flower_api_shows_tasks_refuses_strangers_and_sends_tasks(
 
 
 def test_flower_shows_progress_of_a_slow_transfer(flower, node_factory, pool_factory, worker_factory, cli):
-    src, dst, psrc, pdst = _nodes(node_factory, pool_factory, worker_factory)
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory, broken_target=True)
     vm = psrc.ds(f"{VMS_ROOT}/vm1")
     hz.write_random(vm, 16)
     assert cli("snapshot", "new", "vm1").returncode == 0
@@ -182,7 +167,7 @@ def test_flower_shows_progress_of_a_slow_transfer(flower, node_factory, pool_fac
 def test_flower_tasks_page_in_headless_chromium(
     flower, node_factory, pool_factory, worker_factory, cli, tmp_path
 ):
-    src, dst, psrc, pdst = _nodes(node_factory, pool_factory, worker_factory)
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory, broken_target=True)
     assert cli("snapshot", "new", "vm1").returncode == 0
     assert cli("vm", "replicate", "vm1", "--endpoint", "broken").returncode == 1
     failed = flower.wait_task("the failed replication", lambda t: t.get("state") == "FAILURE")

@@ -18,7 +18,7 @@ import redis as redis_lib
 from harness import zfs as hz
 from harness.proc import tail, wait_until
 from prometheus_client.parser import text_string_to_metric_families
-from scenario import VMS_ROOT, make_vms, node_env, snapshot_names
+from scenario import VMS_ROOT, make_vms, node_env, snapshot_names, two_nodes
 
 from hoster_tasks import keys
 from hoster_tasks.locks import DatasetLock, LockSpec
@@ -33,22 +33,6 @@ def _secret_redis_url(redis_server, redis_client) -> str:  # type: ignore[no-unt
     return redis_server.url.replace("redis://", f"redis://hoster:{SECRET_PW}@")
 
 
-def _nodes(node_factory, pool_factory, worker_factory, **extra):  # type: ignore[no-untyped-def]
-    """Source node `src` holding vm1, and two endpoints on the target node `dst`: `dst` (works) and `broken`
-    (its root does not exist there, so `zfs receive` fails on the target: a Permanent command failure)."""
-    src, dst = node_factory("src"), node_factory("dst")
-    psrc, pdst = pool_factory(), pool_factory()
-    pdst.create_dataset(VMS_ROOT)
-    make_vms(psrc, "vm1")
-    good = dst.endpoint(root_map={psrc.ds(VMS_ROOT): pdst.ds(VMS_ROOT)}, keepalive_seconds=1, connect_timeout=3)
-    broken = dst.endpoint(name="broken", root_map={psrc.ds(VMS_ROOT): pdst.ds("missing/vm")},
-                          keepalive_seconds=1, connect_timeout=3)
-    env = node_env(psrc, HOSTER_TARGETS=[good, broken], HOSTER_RETRY_MAX=8, HOSTER_RETRY_BACKOFF_MAX_SECONDS=2)
-    env.update(extra)
-    worker = worker_factory(src, env)
-    return src, dst, psrc, pdst, worker
-
-
 def _event_summary(sink) -> list[str]:  # type: ignore[no-untyped-def]
     return [str((e.get("exception") or {}).get("values", [{}])[-1].get("value", e.get("message")))[:120]
             for e in sink.events()]
@@ -60,8 +44,9 @@ def test_final_failure_sends_one_event_with_context_and_no_secrets(
     node_factory, pool_factory, worker_factory, sentry_sink, test_network, redis_server, redis_client, cli
 ):
     url = _secret_redis_url(redis_server, redis_client)
-    src, dst, psrc, pdst, worker = _nodes(
-        node_factory, pool_factory, worker_factory, HOSTER_REDIS_URL=url, HOSTER_SENTRY_ENVIRONMENT="itest",
+    src, dst, psrc, pdst, worker = two_nodes(
+        node_factory, pool_factory, worker_factory, broken_target=True,
+        HOSTER_REDIS_URL=url, HOSTER_SENTRY_ENVIRONMENT="itest",
         HOSTER_SENTRY_DSN=sentry_sink.listen_on(test_network.gateway),
     )
     vm = psrc.ds(f"{VMS_ROOT}/vm1")
@@ -93,8 +78,9 @@ def test_final_failure_sends_one_event_with_context_and_no_secrets(
 def test_successful_snapshot_and_retried_transient_failure_send_no_event(
     node_factory, pool_factory, worker_factory, sentry_sink, test_network, redis_server, cli
 ):
-    src, dst, psrc, pdst, worker = _nodes(
-        node_factory, pool_factory, worker_factory, HOSTER_SENTRY_DSN=sentry_sink.listen_on(test_network.gateway)
+    src, dst, psrc, pdst, worker = two_nodes(
+        node_factory, pool_factory, worker_factory, broken_target=True,
+        HOSTER_SENTRY_DSN=sentry_sink.listen_on(test_network.gateway),
     )
     vm = psrc.ds(f"{VMS_ROOT}/vm1")
     assert cli("snapshot", "new", "vm1").returncode == 0
@@ -200,7 +186,7 @@ def test_metrics_status_and_error_file_after_success_and_failure(
     node_factory, pool_factory, worker_factory, redis_server, cli, tmp_path
 ):
     textfile = tmp_path / "textfile" / "hoster_tasks.prom"
-    src, dst, psrc, pdst, worker = _nodes(node_factory, pool_factory, worker_factory,
+    src, dst, psrc, pdst, worker = two_nodes(node_factory, pool_factory, worker_factory, broken_target=True,
                                           HOSTER_METRICS_TEXTFILE=str(textfile))
     vm = psrc.ds(f"{VMS_ROOT}/vm1")
     hz.write_random(vm, 2)

@@ -10,7 +10,7 @@ import time
 
 from celery.result import AsyncResult
 from harness import zfs as hz
-from scenario import VMS_ROOT, guids, snapshot_names, two_nodes
+from scenario import VMS_ROOT, guids, replicate_json, snapshot_names, two_nodes
 
 from hoster_tasks.zfs.ops import PARENT_PROPERTY, base_property
 
@@ -18,12 +18,6 @@ from hoster_tasks.zfs.ops import PARENT_PROPERTY, base_property
 def _digest(dataset: str) -> dict[str, str]:
     root = hz.mount(dataset)
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
-
-
-def _replicate(cli, vm: str, endpoint: str, *extra: str):  # type: ignore[no-untyped-def]
-    res = cli("vm", "replicate", vm, "--endpoint", endpoint, "--json", *extra)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
 
 
 def test_first_then_incremental_then_nothing(node_factory, pool_factory, worker_factory, cli):
@@ -34,7 +28,7 @@ def test_first_then_incremental_then_nothing(node_factory, pool_factory, worker_
         hz.write_random(vm, 2)
         assert cli("snapshot", "new", "vm1").returncode == 0
 
-    first = _replicate(cli, "vm1", dst.name)
+    first = replicate_json(cli, "vm1", dst.name)
     assert first["action"] == "full" and len(first["sent"]) == 2  # full of the oldest, then -I to the newest
     assert guids(copy) == guids(vm)  # every snapshot landed in one request, same GUIDs
     assert _digest(copy) == _digest(vm)
@@ -47,7 +41,7 @@ def test_first_then_incremental_then_nothing(node_factory, pool_factory, worker_
     hz.write_random(vm, 1)
     cli("snapshot", "new", "vm1")
     cli("snapshot", "new", "vm1")
-    second = _replicate(cli, "vm1", dst.name)
+    second = replicate_json(cli, "vm1", dst.name)
     assert second["action"] == "incremental"
     assert guids(copy) == guids(vm) and len(guids(copy)) == 5
     assert _digest(copy) == _digest(vm)
@@ -56,7 +50,7 @@ def test_first_then_incremental_then_nothing(node_factory, pool_factory, worker_
         assert hz.get_property(f"{ds}@{first_base}", "userrefs") == "0"
         assert hz.get_property(f"{ds}@{new_base}", "userrefs") == "1"
 
-    third = _replicate(cli, "vm1", dst.name)
+    third = replicate_json(cli, "vm1", dst.name)
     assert third["action"] == "nothing" and third["sent"] == [] and guids(copy) == guids(vm)
 
 
@@ -66,7 +60,7 @@ def test_diverged_target_is_refused_and_left_intact(node_factory, pool_factory, 
     copy = pdst.ds(f"{VMS_ROOT}/vm1")
     hz.write_random(vm, 1)
     cli("snapshot", "new", "vm1")
-    _replicate(cli, "vm1", dst.name)
+    replicate_json(cli, "vm1", dst.name)
     assert hz.get_property(copy, "readonly") == "on"  # copies are read-only after the first run
     # someone makes the copy writable, changes and snapshots it: history the source never had
     hz.set_property(copy, "readonly", "off")
@@ -104,7 +98,7 @@ def test_pruning_keeps_the_common_base_and_target_mirrors_source(
     copy = pdst.ds(f"{VMS_ROOT}/vm1")
     for _ in range(2):
         assert cli("snapshot", "all", "--stype", "hourly", "--keep", "5").returncode == 0
-    _replicate(cli, "vm1", dst.name)
+    replicate_json(cli, "vm1", dst.name)
     base = snapshot_names(vm)[-1]
 
     # the target is down for a while; retention with keep 1 runs twice: the base must survive it
@@ -115,7 +109,7 @@ def test_pruning_keeps_the_common_base_and_target_mirrors_source(
     assert base in names and len(names) == 2, names  # the base, and the newest one
     assert "replication base" in res.stdout
 
-    out = _replicate(cli, "vm1", dst.name)
+    out = replicate_json(cli, "vm1", dst.name)
     assert out["action"] == "incremental"  # no full resend
     assert guids(copy) == guids(vm)  # the target pruned what the source pruned
     assert out["pruned_on_target"]
@@ -145,7 +139,7 @@ def test_dataset_first_replicated_by_syncoid_continues_incrementally(
 
     hz.write_random(vm, 1)
     cli("snapshot", "new", "vm1")
-    out = _replicate(cli, "vm1", dst.name)
+    out = replicate_json(cli, "vm1", dst.name)
     assert out["action"] == "incremental"  # matched by GUID with syncoid's snapshots: no full resend
     assert set(synced.items()) <= set(guids(copy).items())
     assert guids(copy) == guids(vm)
@@ -176,7 +170,7 @@ def test_link_cut_mid_transfer_is_retried_and_completes(node_factory, pool_facto
 def test_backup_copies_are_skipped_by_replicate_all(node_factory, pool_factory, worker_factory, cli):
     src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory)
     cli("snapshot", "new", "vm1")
-    _replicate(cli, "vm1", dst.name)
+    replicate_json(cli, "vm1", dst.name)
     # the target node runs a worker too, with the source as its own target
     back = src.endpoint(root_map={pdst.ds(VMS_ROOT): psrc.ds(VMS_ROOT)})
     worker_factory(dst, {"HOSTER_DATASETS": [pdst.ds(VMS_ROOT)], "HOSTER_HEARTBEAT_SECONDS": 1,

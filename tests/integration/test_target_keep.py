@@ -5,32 +5,14 @@ two namespaced nodes with sshd, a worker on the source, zfs-fuse, the real CLI.
 from __future__ import annotations
 
 import json
-from typing import Any
+import subprocess
 
 from harness import zfs as hz
-from scenario import VMS_ROOT, guids, make_vms, node_env, two_nodes
+from harness.proc import wait_until
+from scenario import VMS_ROOT, guids, replicate_json, two_nodes
 
 from hoster_tasks.names import parse_snapshot_name
 from hoster_tasks.zfs.ops import base_property
-
-
-def two_nodes_with_target_keep(  # type: ignore[no-untyped-def]
-    node_factory, pool_factory, worker_factory, keep: dict[str, int], vms: tuple[str, ...] = ("vm1",)
-):
-    """`scenario.two_nodes`, but the endpoint entry carries a `keep` policy of its own for the target.
-
-    (`two_nodes` builds its endpoint inside and takes no endpoint overrides, so the same setup is built here.)
-    """
-    src, dst = node_factory("src"), node_factory("dst")
-    psrc, pdst = pool_factory(), pool_factory()
-    pdst.create_dataset(VMS_ROOT)
-    make_vms(psrc, *vms)
-    endpoint = dst.endpoint(
-        root_map={psrc.ds(VMS_ROOT): pdst.ds(VMS_ROOT)}, keepalive_seconds=1, connect_timeout=3, keep=keep
-    )
-    env = node_env(psrc, HOSTER_TARGETS=[endpoint], HOSTER_RETRY_MAX=8, HOSTER_RETRY_BACKOFF_MAX_SECONDS=4)
-    worker = worker_factory(src, env)
-    return src, dst, psrc, pdst, worker
 
 
 def _of_type(dataset: str, stype: str) -> list[str]:
@@ -48,14 +30,8 @@ def _snapshot_all(cli, stype: str, keep: int) -> None:  # type: ignore[no-untype
     assert res.returncode == 0, res.stderr
 
 
-def _replicate(cli, vm: str, endpoint: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    res = cli("vm", "replicate", vm, "--endpoint", endpoint, "--json")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
-
-
 def test_target_keep_policy_prunes_the_target_only(node_factory, pool_factory, worker_factory, cli):
-    src, dst, psrc, pdst, _ = two_nodes_with_target_keep(
+    src, dst, psrc, pdst, _ = two_nodes(
         node_factory, pool_factory, worker_factory, keep={"hourly": 2}
     )
     vm = psrc.ds(f"{VMS_ROOT}/vm1")
@@ -67,7 +43,7 @@ def test_target_keep_policy_prunes_the_target_only(node_factory, pool_factory, w
     src_hourly = _of_type(vm, "hourly")
     assert len(src_hourly) == 4
 
-    out = _replicate(cli, "vm1", dst.name)
+    out = replicate_json(cli, "vm1", dst.name)
     assert out["action"] == "full"
 
     # the source keeps its 4 hourly; the target keeps only the newest 2 of them
@@ -89,7 +65,7 @@ def test_target_keep_mirrors_other_types_and_never_prunes_the_base(
 ):
     """Second run: the source pruned a daily (mirrored on the target); the target keeps its 2 newest hourly
     (up to the extra old base, see the xfail test below); the new common base stays on both sides."""
-    src, dst, psrc, pdst, _ = two_nodes_with_target_keep(
+    src, dst, psrc, pdst, _ = two_nodes(
         node_factory, pool_factory, worker_factory, keep={"hourly": 2}
     )
     vm = psrc.ds(f"{VMS_ROOT}/vm1")
@@ -98,7 +74,7 @@ def test_target_keep_mirrors_other_types_and_never_prunes_the_base(
     _snapshot_all(cli, "daily", 2)
     for _ in range(4):
         _snapshot_all(cli, "hourly", 4)
-    _replicate(cli, "vm1", dst.name)
+    replicate_json(cli, "vm1", dst.name)
     first_daily = _of_type(vm, "daily")[0]
     first_base = list(guids(vm))[-1]
 
@@ -110,7 +86,7 @@ def test_target_keep_mirrors_other_types_and_never_prunes_the_base(
     src_hourly = _of_type(vm, "hourly")
     assert len(src_hourly) == 4
 
-    out = _replicate(cli, "vm1", dst.name)
+    out = replicate_json(cli, "vm1", dst.name)
     assert out["action"] == "incremental"
     base = list(guids(vm))[-1]
     assert out["base"] == f"{vm}@{base}"
@@ -127,17 +103,17 @@ def test_target_keep_mirrors_other_types_and_never_prunes_the_base(
 
 
 def test_target_keep_drops_the_released_old_base_in_the_same_run(node_factory, pool_factory, worker_factory, cli):
-    src, dst, psrc, pdst, _ = two_nodes_with_target_keep(
+    src, dst, psrc, pdst, _ = two_nodes(
         node_factory, pool_factory, worker_factory, keep={"hourly": 2}
     )
     vm = psrc.ds(f"{VMS_ROOT}/vm1")
     copy = pdst.ds(f"{VMS_ROOT}/vm1")
     for _ in range(4):
         _snapshot_all(cli, "hourly", 4)
-    _replicate(cli, "vm1", dst.name)
+    replicate_json(cli, "vm1", dst.name)
     for _ in range(2):
         _snapshot_all(cli, "hourly", 4)
-    _replicate(cli, "vm1", dst.name)
+    replicate_json(cli, "vm1", dst.name)
     assert _of_type(copy, "hourly") == _of_type(vm, "hourly")[-2:]
 
 
@@ -172,7 +148,9 @@ def test_replicate_all_script_name_names_the_error_file(node_factory, pool_facto
     assert vm in (errors / "ERROR_nightly").read_text()
     assert list(guids(copy)) == ["theirs"]  # refused, untouched
 
-    hz.destroy(copy, recursive=True)  # the operator clears the way
+    # the operator clears the way (zfs-fuse may call a just-unmounted dataset busy for a moment)
+    wait_until(lambda: subprocess.run(["zfs", "destroy", "-r", copy], capture_output=True).returncode == 0,
+               timeout=30, what=f"zfs destroy -r {copy}", interval=0.5)
     ok = cli("vm", "replicate-all", "--endpoint", dst.name, "--script-name", "nightly", "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["results"][0]["action"] == "full"
