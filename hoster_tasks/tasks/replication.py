@@ -95,7 +95,17 @@ def replicate(self: ReplicationTask, vm: str, endpoint: str, speed_limit: float 
         step.s(info.dataset, endpoint, speed_limit, token, report_to).set(queue=queue),
         finish.s(info.dataset, endpoint, token).set(queue=queue),
     )
+    links.on_error(chain_failed.si(report_to, info.dataset, endpoint).set(queue=queue))
     raise self.replace(links)
+
+
+@app.task(name="hoster.replication.chain_failed", bind=True)
+def chain_failed(self: Any, task_id: str, dataset: str, endpoint: str) -> None:
+    """Errback of a replicate chain: `replicate` was replaced, so no event would ever end its row in
+    Flower; this one does (the result backend already holds the link's FAILURE for that id)."""
+    with self.app.events.default_dispatcher(hostname=self.request.hostname) as dispatcher:
+        dispatcher.send("task-failed", uuid=task_id, exception=f"replication of {dataset} to {endpoint} failed "
+                        "(see the failed hoster.replication.step)", traceback="")
 
 
 @app.task(name="hoster.replication.step", base=ReplicationTask, bind=True)

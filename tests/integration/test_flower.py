@@ -107,6 +107,9 @@ def test_flower_api_shows_tasks_refuses_strangers_and_sends_tasks(
     assert failed["worker"].startswith("src@")
     info = flower.get(f"/api/task/info/{failed['uuid']}").json()
     assert info["state"] == "FAILURE" and info["name"] == "hoster.replication.step"
+    # the request itself (replaced by its chain) ends as FAILURE too, not STARTED forever
+    flower.wait_task("the replicate request to end failed", lambda t: t.get("name") == "hoster.replication.replicate"
+                     and t.get("state") == "FAILURE")
 
     # no credentials, or wrong ones: the API and the UI are refused; only the health check is open
     for auth in (None, (USER, "wrong"), ("nobody", PASSWORD)):
