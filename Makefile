@@ -1,7 +1,7 @@
 # Developer and CI entry points. `make test` is the test command the README documents.
 PYTHON ?= python
 
-.PHONY: test lint demo
+.PHONY: test lint demo bench
 
 test:
 	bash scripts/bootstrap.sh
@@ -15,3 +15,6 @@ lint:
 demo:
 	bash scripts/bootstrap.sh
 	$(PYTHON) -m hoster_tasks.demo
+
+bench:
+	$(PYTHON) bench/replication.py $(BENCH_ARGS)

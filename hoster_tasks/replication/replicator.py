@@ -30,6 +30,7 @@ from hoster_tasks.zfs.probe import Capabilities, probe
 from hoster_tasks.zfs.shell import Shell, SshShell
 
 ProgressFn = Callable[[dict[str, Any]], None]
+_TARGET_CAPS: dict[tuple[str, int, str], Capabilities] = {}
 RESUME_TOKEN = "receive_resume_token"
 
 
@@ -61,7 +62,11 @@ class Replicator:
 
     @cached_property
     def target_caps(self) -> Capabilities:
-        return probe(self.target_shell, self.ctx.zfs)
+        """Probed once per worker process and endpoint: a host's ZFS does not change between links."""
+        key = (self.endpoint.host, self.endpoint.port, self.ctx.zfs)
+        if key not in _TARGET_CAPS:
+            _TARGET_CAPS[key] = probe(self.target_shell, self.ctx.zfs)
+        return _TARGET_CAPS[key]
 
     @property
     def tag(self) -> str:

@@ -116,6 +116,8 @@ def step(
     """Plan now and run the plan's first step (a full send, or an incremental to the newest)."""
     acc: dict[str, Any] = dict(prev or {"dataset": dataset, "target": endpoint, "sent": [], "bytes": 0,
                                         "seconds": 0.0, "action": "nothing"})
+    if acc.get("complete"):  # the first link's plan had one step and it ran: nothing left for this one
+        return acc
     rep = self.replicator(endpoint, speed_limit, report_to)
     src_lock, tgt_lock = rep.locks(dataset, token)
     acc["target"] = rep.endpoint.target_dataset(dataset)
@@ -134,6 +136,7 @@ def step(
             acc["seconds"] += result.seconds
             if acc["action"] == "nothing":
                 acc["action"] = plan.action.value
+        acc["complete"] = len(plan.steps) <= 1
         src_lock.stop_heartbeat()
         tgt_lock.stop_heartbeat()  # the lease carries the lock to the next link
         return acc
