@@ -369,7 +369,7 @@ def syncoid_copy(workdir: Path) -> Path:
     zfs-fuse has no `zfs get -t`, so syncoid falls back to `zfs get -Hpd 1 type,guid,creation` for every
     snapshot listing. In syncoid 2.1.0 that fallback is broken for a remote host: `getsnaps` has already put
     `$sshcmd` in front of `$rhost` and `getsnapsfallback` does it again ("root@host: command not found",
-    "snapshots couldn't be listed"), reported as https://github.com/jimsalterjrs/sanoid/issues/749. The copy
+    "snapshots couldn't be listed"), the regression fixed upstream in sanoid pull request #931. The copy
     drops the second prefix; a syncoid without the bug is used as it is. Production OpenZFS has `-t` and
     never takes the fallback.
     """
