@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 
 import pytest
 from celery.schedules import crontab
@@ -20,13 +18,7 @@ ALL_MONTHS = set(range(1, 13))
 TARGET = {"name": "hoster01", "host": "10.5.199.85"}
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in list(os.environ):
-        if key.upper().startswith("HOSTER_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("HOSTER_NODE_NAME", "node-a")
-    yield
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def fields(c: crontab) -> tuple[set[int], set[int], set[int], set[int], set[int]]:

@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +22,7 @@ TARGET = {
 }
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No HOSTER_* variable from the calling environment leaks into a test."""
-    for key in list(os.environ):
-        if key.upper().startswith("HOSTER_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("HOSTER_NODE_NAME", "node-a")
-    yield
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def write_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> Path:
