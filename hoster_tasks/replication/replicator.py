@@ -30,7 +30,6 @@ from hoster_tasks.zfs.probe import Capabilities, probe
 from hoster_tasks.zfs.shell import Shell, SshShell
 
 ProgressFn = Callable[[dict[str, Any]], None]
-_TARGET_CAPS: dict[tuple[str, int, str], Capabilities] = {}
 RESUME_TOKEN = "receive_resume_token"
 
 
@@ -52,6 +51,7 @@ class Replicator:
         speed_limit: float | None = None,
         progress: ProgressFn | None = None,
         target_shell: Shell | None = None,
+        caps_cache: dict[str, Capabilities] | None = None,
     ) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
@@ -59,14 +59,16 @@ class Replicator:
         self.progress = progress
         self.target_shell: Shell = target_shell or SshShell(endpoint)
         self.cancel = threading.Event()
+        self._caps_cache = caps_cache
 
     @cached_property
     def target_caps(self) -> Capabilities:
-        """Probed once per worker process and endpoint: a host's ZFS does not change between links."""
-        key = (self.endpoint.host, self.endpoint.port, self.ctx.zfs)
-        if key not in _TARGET_CAPS:
-            _TARGET_CAPS[key] = probe(self.target_shell, self.ctx.zfs)
-        return _TARGET_CAPS[key]
+        """Probed on first use; with a cache (a worker's), once per endpoint: a host's ZFS does not change."""
+        if self._caps_cache is None:
+            return probe(self.target_shell, self.ctx.zfs)
+        if self.endpoint.name not in self._caps_cache:
+            self._caps_cache[self.endpoint.name] = probe(self.target_shell, self.ctx.zfs)
+        return self._caps_cache[self.endpoint.name]
 
     @property
     def tag(self) -> str:

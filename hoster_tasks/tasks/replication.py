@@ -25,6 +25,7 @@ from hoster_tasks.replication.replicator import Replicator
 from hoster_tasks.settings import get_settings
 from hoster_tasks.snapshots import NodeContext
 from hoster_tasks.tasks.base import NodeTask
+from hoster_tasks.zfs.probe import Capabilities
 
 
 class ReplicationTask(NodeTask):
@@ -34,11 +35,14 @@ class ReplicationTask(NodeTask):
     retry_backoff = True
     retry_jitter = True
     max_retries = get_settings().retry_max
+    target_caps_cache: dict[str, Capabilities] = {}  # per worker process, shared by the replication tasks
     retry_backoff_max = get_settings().retry_backoff_max_seconds
 
     def replicator(self, endpoint: str, speed_limit: float | None, report_to: str | None = None) -> Replicator:
+        """A Replicator for this run; the target's probed capabilities are kept per worker process."""
         ctx = NodeContext(self.settings, self.shell, self.caps, self.redis)
-        return Replicator(ctx, self.settings.endpoint(endpoint), speed_limit, self._progress(report_to))
+        return Replicator(ctx, self.settings.endpoint(endpoint), speed_limit, self._progress(report_to),
+                          caps_cache=self.target_caps_cache)
 
     def _progress(self, report_to: str | None) -> Any:
         # Captured now: `report` runs in the pipeline's pv reader thread, where the task request is empty.
