@@ -99,9 +99,8 @@ def test_flower_api_shows_tasks_refuses_strangers_and_sends_tasks(
                             lambda t: t.get("name") == "hoster.snapshot.take" and t.get("state") == "SUCCESS")
     assert "vm1" in snap["args"] and "custom" in snap["args"]  # readable arguments
     assert vm in snap["result"]
-    failed = flower.wait_task("a failed replication task",
-                              lambda t: str(t.get("name")).startswith("hoster.replication.")
-                              and t.get("state") == "FAILURE")
+    failed = flower.wait_task("the failed replication link",
+                              lambda t: t.get("name") == "hoster.replication.step" and t.get("state") == "FAILURE")
     assert failed["name"] == "hoster.replication.step" and vm in failed["args"] and "broken" in failed["args"]
     assert "DatasetNotFound" in failed["exception"] and "dataset does not exist" in failed["exception"]
     assert failed["worker"].startswith("src@")
