@@ -108,10 +108,6 @@ class PipelineFailed(CommandFailed):
     """A stage of send | pv | ssh receive failed; argv/stderr are the first failing stage's."""
 
 
-class PipelineTransient(PipelineFailed, Transient):
-    pass
-
-
 class PipelinePermanent(PipelineFailed, Permanent):
     pass
 

@@ -27,7 +27,7 @@ from hoster_tasks.zfs import commands as cmd
 from hoster_tasks.zfs import ops
 from hoster_tasks.zfs.parse import Snapshot, parse_get, parse_send_size, snapshots_from_get
 from hoster_tasks.zfs.probe import Capabilities, probe
-from hoster_tasks.zfs.shell import Shell, SshShell
+from hoster_tasks.zfs.shell import Shell, shell_for
 
 ProgressFn = Callable[[dict[str, Any]], None]
 RESUME_TOKEN = "receive_resume_token"
@@ -57,7 +57,7 @@ class Replicator:
         self.endpoint = endpoint
         self.speed_limit = speed_limit
         self.progress = progress
-        self.target_shell: Shell = target_shell or SshShell(endpoint)
+        self.target_shell: Shell = target_shell or shell_for(endpoint)
         self.cancel = threading.Event()
         self._caps_cache = caps_cache
 

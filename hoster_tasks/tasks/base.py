@@ -16,7 +16,7 @@ from hoster_tasks.names import validate_vm
 from hoster_tasks.nodes import VmInfo, inventory
 from hoster_tasks.settings import Settings, get_settings
 from hoster_tasks.zfs.probe import Capabilities, probe
-from hoster_tasks.zfs.shell import LocalShell, Shell
+from hoster_tasks.zfs.shell import Shell, shell_for
 
 
 class NodeTask(Task):
@@ -34,7 +34,7 @@ class NodeTask(Task):
 
     @cached_property
     def shell(self) -> Shell:
-        return LocalShell()
+        return shell_for(None)  # this node's own ZFS
 
     @cached_property
     def caps(self) -> Capabilities:

@@ -134,10 +134,3 @@ def set_readonly(dataset: str, zfs: str = ZFS) -> list[str]:
     return [zfs, "set", "readonly=on", validate_dataset(dataset)]
 
 
-def version(zfs: str = ZFS) -> list[str]:
-    return [zfs, "version"]
-
-
-def help_text(subcommand: str, zfs: str = ZFS) -> list[str]:
-    """`zfs <sub>` without arguments prints its usage; the probe reads the flags from it."""
-    return [zfs, subcommand]

@@ -60,21 +60,6 @@ def list_snapshots(
     return {ds: found.get(ds, []) for ds in wanted}
 
 
-def existing_datasets(shell: Shell, datasets: Iterable[str], zfs: str = cmd.ZFS) -> set[str]:
-    """Which of these datasets exist (one call each only when the batched call fails on a missing one)."""
-    datasets = list(datasets)
-    try:
-        return set(get_properties(shell, datasets, ["guid"], zfs=zfs))
-    except DatasetNotFound:
-        present = set()
-        for ds in datasets:
-            try:
-                present |= set(get_properties(shell, [ds], ["guid"], zfs=zfs))
-            except DatasetNotFound:
-                pass
-        return present
-
-
 def take_snapshots(
     shell: Shell, datasets: Sequence[str], short: str, caps: Capabilities, zfs: str = cmd.ZFS
 ) -> list[str]:

@@ -299,11 +299,6 @@ def test_set_user_property_refuses_hostile_dataset(bad: str) -> None:
         cmd.set_user_property(bad, "hoster:x", "1")
 
 
-def test_version_and_help() -> None:
-    assert cmd.version() == ["zfs", "version"]
-    assert cmd.help_text("send") == ["zfs", "send"]
-
-
 # -- the SSH boundary (zfs/shell.py) -------------------------------------------------------------------
 
 ROUND_TRIP = [

@@ -15,7 +15,6 @@ from hoster_tasks.errors import (
     NoSpace,
     Permanent,
     PipelinePermanent,
-    PipelineTransient,
     SnapshotExists,
     SnapshotHeld,
     TargetModified,
@@ -139,7 +138,7 @@ def test_is_transient_text_false_for_zfs_texts(stderr: str) -> None:
 
 ALL_COMMAND_ERRORS = [
     CommandFailed, ZfsError, DatasetNotFound, SnapshotExists, DatasetBusy, NoSpace, SnapshotHeld,
-    TargetModified, ConnectionLost, PipelineTransient, PipelinePermanent,
+    TargetModified, ConnectionLost, PipelinePermanent,
 ]
 
 
@@ -181,7 +180,6 @@ def test_command_failed_without_stderr() -> None:
 
 def test_hierarchy_transient_or_permanent() -> None:
     assert issubclass(ConnectionLost, Transient) and not issubclass(ConnectionLost, Permanent)
-    assert issubclass(PipelineTransient, Transient)
     assert issubclass(PipelinePermanent, Permanent)
     for cls in (ZfsError, DatasetNotFound, SnapshotExists, DatasetBusy, NoSpace, SnapshotHeld, TargetModified):
         assert issubclass(cls, Permanent) and not issubclass(cls, Transient)
