@@ -30,16 +30,19 @@ def _snapshot_all(cli, stype: str, keep: int) -> None:  # type: ignore[no-untype
     assert res.returncode == 0, res.stderr
 
 
-def test_target_keep_policy_prunes_the_target_only(node_factory, pool_factory, worker_factory, cli):
-    src, dst, psrc, pdst, _ = two_nodes(
-        node_factory, pool_factory, worker_factory, keep={"hourly": 2}
-    )
+def _keep_two_hourly_with_history(node_factory, pool_factory, worker_factory, cli):  # type: ignore[no-untyped-def]
+    """A target that keeps 2 hourly; the source holds 2 daily and 4 hourly of vm1. Returns (dst, vm, copy)."""
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory, keep={"hourly": 2})
     vm = psrc.ds(f"{VMS_ROOT}/vm1")
-    copy = pdst.ds(f"{VMS_ROOT}/vm1")
     hz.write_random(vm, 1)
     _snapshot_all(cli, "daily", 2)
     for _ in range(4):
         _snapshot_all(cli, "hourly", 4)
+    return dst, vm, pdst.ds(f"{VMS_ROOT}/vm1")
+
+
+def test_target_keep_policy_prunes_the_target_only(node_factory, pool_factory, worker_factory, cli):
+    dst, vm, copy = _keep_two_hourly_with_history(node_factory, pool_factory, worker_factory, cli)
     src_hourly = _of_type(vm, "hourly")
     assert len(src_hourly) == 4
 
@@ -63,20 +66,11 @@ def test_target_keep_policy_prunes_the_target_only(node_factory, pool_factory, w
 def test_target_keep_mirrors_other_types_and_never_prunes_the_base(
     node_factory, pool_factory, worker_factory, cli
 ):
-    """Second run: the source pruned a daily (mirrored on the target); the target keeps its 2 newest hourly
-    (up to the extra old base, see the xfail test below); the new common base stays on both sides."""
-    src, dst, psrc, pdst, _ = two_nodes(
-        node_factory, pool_factory, worker_factory, keep={"hourly": 2}
-    )
-    vm = psrc.ds(f"{VMS_ROOT}/vm1")
-    copy = pdst.ds(f"{VMS_ROOT}/vm1")
-    hz.write_random(vm, 1)
-    _snapshot_all(cli, "daily", 2)
-    for _ in range(4):
-        _snapshot_all(cli, "hourly", 4)
+    """Second run: the source pruned a daily (mirrored on the target); the target keeps exactly its 2 newest
+    hourly (the old base, released this run, goes too); the new common base stays on both sides."""
+    dst, vm, copy = _keep_two_hourly_with_history(node_factory, pool_factory, worker_factory, cli)
     replicate_json(cli, "vm1", dst.name)
     first_daily = _of_type(vm, "daily")[0]
-    first_base = list(guids(vm))[-1]
 
     for _ in range(2):
         _snapshot_all(cli, "daily", 2)  # the source drops its first daily
@@ -96,9 +90,8 @@ def test_target_keep_mirrors_other_types_and_never_prunes_the_base(
     # daily: mirrored (the source's pruned one is gone from the target as well)
     assert _of_type(copy, "daily") == _of_type(vm, "daily") and len(_of_type(copy, "daily")) == 2
     assert first_daily not in guids(copy)
-    # hourly: the newest 2, plus at most the old base whose hold this very run released
-    assert _of_type(copy, "hourly")[-2:] == src_hourly[-2:]
-    assert set(_of_type(copy, "hourly")) <= set(src_hourly[-2:]) | {first_base}
+    # hourly: exactly the newest 2 (the old base whose hold this very run released is pruned too)
+    assert _of_type(copy, "hourly") == src_hourly[-2:]
     assert set(guids(copy).items()) <= set(guids(vm).items())
 
 
