@@ -8,7 +8,7 @@ from celery import signals
 from hoster_tasks import keys
 from hoster_tasks.nodes import Heartbeat
 from hoster_tasks.settings import get_settings
-from hoster_tasks.zfs.shell import LocalShell
+from hoster_tasks.zfs.shell import shell_for
 
 _heartbeat: Heartbeat | None = None
 
@@ -17,7 +17,7 @@ _heartbeat: Heartbeat | None = None
 def _register(**_: object) -> None:
     global _heartbeat
     settings = get_settings()
-    _heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), settings, LocalShell())
+    _heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), settings, shell_for(None))
     _heartbeat.start()
 
 

@@ -75,15 +75,15 @@ def _error_name(endpoint: str, script_name: str | None) -> str:
     return script_name or f"to_{endpoint}"
 
 
-def _fail(task: ReplicationTask, dataset: str, endpoint: str, exc: BaseException, script_name: str | None) -> None:
-    stderr = getattr(exc, "stderr", "")
-    report_context(dataset=dataset, node=task.settings.node_name, target=endpoint, stderr=stderr,
-                   argv=getattr(exc, "argv", None))
+def _fail(task: ReplicationTask, rep: Replicator, dataset: str, exc: BaseException) -> None:
+    """A chain link failed: context for Sentry now; state and the ERROR_ file only once it is final."""
+    endpoint = rep.endpoint.name
+    report_context(dataset=dataset, node=task.settings.node_name, target=endpoint,
+                   stderr=getattr(exc, "stderr", ""), argv=getattr(exc, "argv", None))
     if isinstance(exc, Transient) and task.request.retries < task.max_retries:
         return  # will be retried: only a final failure is recorded
-    rep = task.replicator(endpoint, None)
     rep.record_failure(dataset, str(exc))
-    write_error_file(task.settings.error_dir, _error_name(endpoint, script_name), f"{dataset}: {exc}")
+    write_error_file(task.settings.error_dir, _error_name(endpoint, None), f"{dataset}: {exc}")
 
 
 @app.task(name="hoster.replication.replicate", base=ReplicationTask, bind=True)
@@ -148,7 +148,7 @@ def step(
         src_lock.release()
         tgt_lock.release()
         if isinstance(exc, HosterTasksError):
-            _fail(self, dataset, endpoint, exc, None)
+            _fail(self, rep, dataset, exc)
         raise
     finally:
         rep.close()
@@ -168,7 +168,7 @@ def finish(self: ReplicationTask, acc: dict[str, Any], dataset: str, endpoint: s
         clear_error_file(self.settings.error_dir, _error_name(endpoint, None))
         return {**acc, **done, "remaining": plan.action.value if plan.action is not Action.NOTHING else None}
     except HosterTasksError as exc:
-        _fail(self, dataset, endpoint, exc, None)
+        _fail(self, rep, dataset, exc)
         raise
     finally:
         src_lock.release()
