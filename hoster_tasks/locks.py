@@ -51,6 +51,11 @@ class DatasetLock:
     def key(self) -> str:
         return keys.dataset_lock(self.spec.node, self.spec.dataset)
 
+    @property
+    def value(self) -> str:
+        """What the lock key holds while this lock is ours (a watchdog compares against it)."""
+        return self.token
+
     def acquire(self) -> DatasetLock:
         if not self._retake():
             if not self._lock.acquire(token=self.token):

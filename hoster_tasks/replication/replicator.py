@@ -60,6 +60,7 @@ class Replicator:
         self.target_shell: Shell = target_shell or shell_for(endpoint)
         self.cancel = threading.Event()
         self._caps_cache = caps_cache
+        self.active_locks: list[DatasetLock] = []  # the locks of the dataset being worked on (see locks())
 
     @cached_property
     def target_caps(self) -> Capabilities:
@@ -92,6 +93,7 @@ class Replicator:
             if token:
                 lock.token = token
             lock.on_lost = self.cancel.set
+        self.active_locks = [src, tgt]
         return src, tgt
 
     # -- listing -------------------------------------------------------------------------------------
