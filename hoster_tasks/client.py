@@ -7,8 +7,9 @@
     c.replicate("vm1", endpoint="hoster01", speed_limit=90).get()
 
 Public task names (stable): hoster.snapshot.take, .take_all, .fanout, .list, .destroy;
-hoster.replication.replicate, .replicate_all, .fanout. Each runs on the queue `hoster.node.<node>` of the node
-that holds the VM; the client finds that node in the node registry in Redis.
+hoster.replication.replicate, .replicate_all, .fanout. Arguments are checked first by the task's request
+model (hoster_tasks.requests), the same one the worker checks them with. Each runs on the queue
+`hoster.node.<node>` of the node that holds the VM; the client finds that node in the node registry in Redis.
 """
 
 from __future__ import annotations
@@ -21,28 +22,30 @@ from celery.result import AsyncResult
 
 from hoster_tasks import keys
 from hoster_tasks.errors import NoLiveNode, UnknownVM
-from hoster_tasks.names import validate_node_name, validate_snapshot, validate_stype, validate_vm
+from hoster_tasks.names import validate_node_name
 from hoster_tasks.nodes import NodeInfo, live_nodes, locate_vm
-from hoster_tasks.policy.retention import check_keep
+from hoster_tasks.requests import (
+    DestroyRequest,
+    ListRequest,
+    ReplicateAllRequest,
+    ReplicateRequest,
+    TakeAllRequest,
+    TakeRequest,
+)
 from hoster_tasks.settings import Settings, get_settings
 
-TAKE = "hoster.snapshot.take"
-TAKE_ALL = "hoster.snapshot.take_all"
-LIST = "hoster.snapshot.list"
-DESTROY = "hoster.snapshot.destroy"
-REPLICATE = "hoster.replication.replicate"
-REPLICATE_ALL = "hoster.replication.replicate_all"
-
-
-def _check_speed(speed_limit: float | None) -> float | None:
-    if speed_limit is not None and speed_limit <= 0:
-        from hoster_tasks.errors import ConfigError
-
-        raise ConfigError(f"--speed-limit must be positive MB/s (got {speed_limit})")
-    return speed_limit
+TAKE = TakeRequest.task_name
+TAKE_ALL = TakeAllRequest.task_name
+LIST = ListRequest.task_name
+DESTROY = DestroyRequest.task_name
+REPLICATE = ReplicateRequest.task_name
+REPLICATE_ALL = ReplicateAllRequest.task_name
 
 
 class Client:
+    """Each method builds the task's request model (hoster_tasks.requests) first: a bad argument raises the
+    same `InvalidRequest` the worker would, and nothing is queued."""
+
     def __init__(self, settings: Settings | None = None, app: Celery | None = None) -> None:
         self.settings = settings or get_settings()
         if app is None:
@@ -62,43 +65,39 @@ class Client:
         return nodes
 
     def snapshot(self, vm: str, stype: str = "custom", keep: int | None = None) -> AsyncResult:
-        validate_vm(vm)
-        validate_stype(stype)
-        if keep is not None:
-            check_keep(keep)
-        node, _ = locate_vm(self.redis, vm)
-        return self._send(TAKE, node.name, vm, stype, keep)
+        req = TakeRequest.of(vm=vm, stype=stype, keep=keep)
+        node, _ = locate_vm(self.redis, req.vm)
+        return self._send(TAKE, node.name, req.vm, req.stype, req.keep)
 
     def snapshot_all(self, stype: str, keep: int, node: str | None = None) -> dict[str, AsyncResult]:
-        validate_stype(stype)
-        check_keep(keep)
+        req = TakeAllRequest.of(stype=stype, keep=keep)
         names = [validate_node_name(node)] if node else [n.name for n in self.nodes()]
-        return {n: self._send(TAKE_ALL, n, stype, keep) for n in names}
+        return {n: self._send(TAKE_ALL, n, req.stype, req.keep) for n in names}
 
     def list_snapshots(self, vm: str | None = None, timeout: float = 60) -> list[dict[str, Any]]:
-        if vm is not None:
-            node, _ = locate_vm(self.redis, vm)
-            return list(self._send(LIST, node.name, vm).get(timeout=timeout))
+        req = ListRequest.of(vm=vm)
+        if req.vm is not None:
+            node, _ = locate_vm(self.redis, req.vm)
+            return list(self._send(LIST, node.name, req.vm).get(timeout=timeout))
         pending = [self._send(LIST, n.name) for n in self.nodes()]
         return [row for r in pending for row in r.get(timeout=timeout)]
 
     def destroy(self, snapshot: str) -> AsyncResult:
-        dataset, _ = validate_snapshot(snapshot)
+        req = DestroyRequest.of(snapshot=snapshot)
+        dataset = req.snapshot.split("@")[0]
         for node in self.nodes():
             if any(v.dataset == dataset for v in node.vms):
-                return self._send(DESTROY, node.name, snapshot)
+                return self._send(DESTROY, node.name, req.snapshot)
         raise UnknownVM(f"no live node holds dataset {dataset!r}")
 
     def replicate(self, vm: str, endpoint: str, speed_limit: float | None = None) -> AsyncResult:
-        validate_vm(vm)
-        _check_speed(speed_limit)
-        node, _ = locate_vm(self.redis, vm)
-        if endpoint not in node.endpoints:  # the node publishes its targets' names and hosts
-            from hoster_tasks.errors import ConfigError
-
+        req = ReplicateRequest.of(vm=vm, endpoint=endpoint, speed_limit=speed_limit)
+        node, _ = locate_vm(self.redis, req.vm)
+        if req.endpoint not in node.endpoints:  # the node publishes its targets' names and hosts
             known = ", ".join(node.endpoints) or "none configured"
-            raise ConfigError(f"unknown endpoint {endpoint!r} for node {node.name} (its targets: {known})")
-        return self._send(REPLICATE, node.name, vm, endpoint, speed_limit=speed_limit)
+            raise req.invalid([("endpoint", f"endpoint: unknown endpoint {req.endpoint!r} on node {node.name} "
+                                            f"(known: {known})")])
+        return self._send(REPLICATE, node.name, req.vm, req.endpoint, speed_limit=req.speed_limit)
 
     def replicate_all(
         self,
@@ -108,15 +107,12 @@ class Client:
         script_name: str | None = None,
         node: str | None = None,
     ) -> dict[str, AsyncResult]:
-        for vm in vms or []:
-            validate_vm(vm)
-        _check_speed(speed_limit)
-        if script_name is not None:
-            validate_node_name(script_name)
-        names = [validate_node_name(node)] if node else [n.name for n in self.nodes() if endpoint in n.endpoints]
+        req = ReplicateAllRequest.of(endpoint=endpoint, vms=vms, speed_limit=speed_limit, script_name=script_name)
+        names = [validate_node_name(node)] if node else [n.name for n in self.nodes() if req.endpoint in n.endpoints]
         if not names:
-            raise NoLiveNode(f"no live node has endpoint {endpoint!r} configured as a target")
+            raise NoLiveNode(f"no live node has endpoint {req.endpoint!r} configured as a target")
         return {
-            n: self._send(REPLICATE_ALL, n, endpoint, vms=vms, speed_limit=speed_limit, script_name=script_name)
+            n: self._send(REPLICATE_ALL, n, req.endpoint, vms=req.vms, speed_limit=req.speed_limit,
+                          script_name=req.script_name)
             for n in names
         }

@@ -145,3 +145,19 @@ def zfs_error(argv: Sequence[str], exit_code: int, stderr: str, host: str = "loc
         if pattern.search(stderr):
             return cls(argv, exit_code, stderr, host)
     return ZfsError(argv, exit_code, stderr, host)
+
+
+class InvalidRequest(InvalidName, ConfigError):
+    """A task's arguments failed its request model (hoster_tasks.requests): nothing ran.
+
+    Both an InvalidName and a ConfigError, the two errors callers caught for bad arguments before there were
+    request models. `fields` names the arguments at fault. Both travel in `args`, so the error survives
+    Celery's JSON result round trip (the client rebuilds it as `InvalidRequest(message, fields)`).
+    """
+
+    def __init__(self, message: str, fields: Sequence[str] = ()) -> None:
+        self.fields = list(fields)
+        super().__init__(message, self.fields)
+
+    def __str__(self) -> str:
+        return str(self.args[0])

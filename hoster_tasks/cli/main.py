@@ -13,16 +13,30 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hoster_tasks.names import SNAPSHOT_TYPES
+from hoster_tasks.requests import keep_value, speed_limit_value
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value}): keeping nothing is not a retention")
-    return value
+# Numbers are usage errors (exit 2), checked by the very functions the request models' fields use; the rest
+# is checked by the models when the client builds the request (exit 1, the worker's own message).
+def _number(parse: Callable[[str], Any], check: Callable[[Any], Any], what: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+_keep = _number(int, keep_value, "an integer")
+_speed_limit = _number(float, speed_limit_value, "a number of MB/s")
 
 
 def _add_wait(p: argparse.ArgumentParser) -> None:
@@ -40,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = snap.add_parser("new", help="snapshot one VM")
     p.add_argument("vm")
     p.add_argument("--stype", default="custom", choices=SNAPSHOT_TYPES)
-    p.add_argument("--keep", type=_positive_int)
+    p.add_argument("--keep", type=_keep)
     _add_wait(p)
     p = snap.add_parser("all", help="snapshot every VM on every live node, then apply retention")
     p.add_argument("--stype", required=True, choices=SNAPSHOT_TYPES)
-    p.add_argument("--keep", required=True, type=_positive_int)
+    p.add_argument("--keep", required=True, type=_keep)
     p.add_argument("--node", help="only this node")
     _add_wait(p)
     p = snap.add_parser("list", help="snapshots of one VM")
@@ -60,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = vm.add_parser("replicate", help="replicate one VM to an endpoint (full, then incremental)")
     p.add_argument("vm")
     p.add_argument("--endpoint", required=True)
-    p.add_argument("--speed-limit", type=float, help="MB/s")
+    p.add_argument("--speed-limit", type=_speed_limit, help="MB/s")
     _add_wait(p)
     p = vm.add_parser("replicate-all", help="replicate every VM of the nodes that have this endpoint")
     p.add_argument("--endpoint", required=True)
     p.add_argument("--filter", help="comma-separated VM names")
-    p.add_argument("--speed-limit", type=float, help="MB/s")
+    p.add_argument("--speed-limit", type=_speed_limit, help="MB/s")
     p.add_argument("--script-name", help="names the ERROR_<name> file (as in Hoster's scripts)")
     p.add_argument("--node", help="only this node")
     _add_wait(p)
@@ -172,7 +186,8 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads 
             if out is not None:
                 _print(out, args.json, replication_summary)
         else:
-            vms = [v.strip() for v in args.filter.split(",") if v.strip()] if args.filter else None
+            # `--filter ,` names no VM: [] reaches the request model, which refuses it (it is not "every VM")
+            vms = [v.strip() for v in args.filter.split(",") if v.strip()] if args.filter is not None else None
             sent = client.replicate_all(args.endpoint, vms, args.speed_limit, args.script_name, args.node)
             failed = 0
             for _node, res in sent.items():

@@ -22,9 +22,10 @@ from hoster_tasks.observability.errorfile import clear_error_file, write_error_f
 from hoster_tasks.observability.sentry import report_context
 from hoster_tasks.policy.planner import Action
 from hoster_tasks.replication.replicator import Replicator
+from hoster_tasks.requests import ReplicateAllRequest, ReplicateRequest, ReplicationFanoutRequest
 from hoster_tasks.settings import get_settings
 from hoster_tasks.snapshots import NodeContext
-from hoster_tasks.tasks.base import NodeTask
+from hoster_tasks.tasks.base import NodeTask, PublicTask
 from hoster_tasks.zfs.probe import Capabilities
 
 
@@ -86,7 +87,7 @@ def _fail(task: ReplicationTask, rep: Replicator, dataset: str, exc: BaseExcepti
     write_error_file(task.settings.error_dir, _error_name(endpoint, None), f"{dataset}: {exc}")
 
 
-@app.task(name="hoster.replication.replicate", base=ReplicationTask, bind=True)
+@app.task(name="hoster.replication.replicate", base=ReplicationTask, bind=True, request_model=ReplicateRequest)
 def replicate(self: ReplicationTask, vm: str, endpoint: str, speed_limit: float | None = None) -> Any:
     """Full then incremental, automatically: replaced by the chain step | step | finish on this node."""
     info = self.source_vm(vm)
@@ -176,7 +177,9 @@ def finish(self: ReplicationTask, acc: dict[str, Any], dataset: str, endpoint: s
         rep.close()
 
 
-@app.task(name="hoster.replication.replicate_all", base=ReplicationTask, bind=True)
+@app.task(
+    name="hoster.replication.replicate_all", base=ReplicationTask, bind=True, request_model=ReplicateAllRequest
+)
 def replicate_all(
     self: ReplicationTask, endpoint: str, vms: list[str] | None = None, speed_limit: float | None = None,
     script_name: str | None = None,
@@ -207,7 +210,7 @@ def replicate_all(
     return outcome
 
 
-@app.task(name="hoster.replication.fanout", bind=True)
+@app.task(name="hoster.replication.fanout", base=PublicTask, bind=True, request_model=ReplicationFanoutRequest)
 def fanout(
     self: Any, endpoint: str, speed_limit: float | None = None, script_name: str | None = None
 ) -> dict[str, str]:

@@ -11,8 +11,15 @@ from hoster_tasks.celery_app import app
 from hoster_tasks.errors import Busy
 from hoster_tasks.nodes import inventory, live_nodes
 from hoster_tasks.observability.sentry import report_context
+from hoster_tasks.requests import (
+    DestroyRequest,
+    ListRequest,
+    SnapshotFanoutRequest,
+    TakeAllRequest,
+    TakeRequest,
+)
 from hoster_tasks.snapshots import NodeContext, describe, destroy_one, take
-from hoster_tasks.tasks.base import NodeTask
+from hoster_tasks.tasks.base import NodeTask, PublicTask
 
 
 def _ctx(task: NodeTask) -> NodeContext:
@@ -30,7 +37,7 @@ def _wait_busy(task: NodeTask, exc: Busy, first_try: float | None, **kwargs: Any
     return Busy(f"{exc} (waited {waited:.0f}s){done}", exc.datasets, exc.taken)
 
 
-@app.task(name="hoster.snapshot.take", base=NodeTask, bind=True)
+@app.task(name="hoster.snapshot.take", base=NodeTask, bind=True, request_model=TakeRequest)
 def take_snapshot(
     self: NodeTask, vm: str, stype: str = "custom", keep: int | None = None, first_try: float | None = None
 ) -> dict[str, Any]:
@@ -43,7 +50,7 @@ def take_snapshot(
         raise _wait_busy(self, exc, first_try, vm=vm, stype=stype, keep=keep) from None
 
 
-@app.task(name="hoster.snapshot.take_all", base=NodeTask, bind=True)
+@app.task(name="hoster.snapshot.take_all", base=NodeTask, bind=True, request_model=TakeAllRequest)
 def take_all(
     self: NodeTask, stype: str, keep: int, only: list[str] | None = None, first_try: float | None = None
 ) -> dict[str, Any]:
@@ -61,7 +68,7 @@ def take_all(
     return {"node": self.settings.node_name, **result}
 
 
-@app.task(name="hoster.snapshot.fanout", bind=True)
+@app.task(name="hoster.snapshot.fanout", base=PublicTask, bind=True, request_model=SnapshotFanoutRequest)
 def fanout(self: Any, stype: str, keep: int) -> dict[str, str]:
     """Beat's entry point: one take_all per live node, each on that node's own queue."""
     import redis
@@ -76,7 +83,7 @@ def fanout(self: Any, stype: str, keep: int) -> dict[str, str]:
     return sent
 
 
-@app.task(name="hoster.snapshot.list", base=NodeTask, bind=True)
+@app.task(name="hoster.snapshot.list", base=NodeTask, bind=True, request_model=ListRequest)
 def list_snapshots(self: NodeTask, vm: str | None = None) -> list[dict[str, Any]]:
     from hoster_tasks.zfs import ops
 
@@ -88,7 +95,7 @@ def list_snapshots(self: NodeTask, vm: str | None = None) -> list[dict[str, Any]
     return rows
 
 
-@app.task(name="hoster.snapshot.destroy", base=NodeTask, bind=True)
+@app.task(name="hoster.snapshot.destroy", base=NodeTask, bind=True, request_model=DestroyRequest)
 def destroy_snapshot(self: NodeTask, snapshot: str, first_try: float | None = None) -> dict[str, Any]:
     datasets = [v.dataset for v in inventory(self.shell, self.settings)]
     try:

@@ -1,0 +1,313 @@
+"""The typed request of every public task: one frozen, strict pydantic model per task.
+
+A task's arguments arrive as JSON from anything that can reach the broker (beat, the client, Flower's HTTP
+API, another system), so they are checked by type at the task boundary (`tasks.base.PublicTask`) before the
+body runs, and the client and the CLI build the same models before anything is queued. Strict: `true` is not
+1 and `"90"` is not 90.0; unknown arguments are refused. `from_call` binds positional and keyword arguments
+by the task's signature and raises one `InvalidRequest` that lists every problem on one line, each value
+shortened: a megabyte-long argument is never echoed back.
+
+A task declares its model in its decorator: `@app.task(name=..., base=NodeTask, request_model=TakeRequest)`
+(Celery sets extra decorator keywords as attributes of the task class). A model's fields are the task's
+parameters, in order, with the same defaults (tests/unit/test_requests.py checks every registered task).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import reprlib
+import time
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic_core import ErrorDetails
+
+from hoster_tasks.errors import ConfigError, InvalidRequest
+from hoster_tasks.names import (
+    MAX_NAME,
+    validate_dataset,
+    validate_node_name,
+    validate_snapshot,
+    validate_stype,
+    validate_vm,
+)
+from hoster_tasks.settings import Settings
+
+KEEP_MAX = 10_000  # far above any real retention; bounds what one request may ask to keep
+SPEED_LIMIT_MAX = 100_000.0  # MB/s (100 GB/s): above any link, and pv's byte rate stays a plain integer
+MAX_ITEMS = 4096  # VMs (or datasets) named in one request
+MAX_ENDPOINT = 253  # a DNS name's length
+FIRST_TRY_SKEW = 300.0  # s: a retry's first-try time may not lie further ahead (or it would wait forever)
+MAX_PROBLEMS = 10  # listed in one message; the rest are counted
+MAX_PROBLEM_CHARS = 300
+
+# An endpoint is a configured name or host: a name, an IP address (v6 with its zone), maybe user@host.
+# No whitespace, quotes or shell syntax, and no leading '-' (it could be read as an ssh option).
+_ENDPOINT = re.compile(r"^[A-Za-z0-9_.:\[\]%@][A-Za-z0-9_.:\[\]%@-]*$")
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+
+
+# --- field checks (shared with the CLI's argument types) -------------------------------------------------
+
+
+def keep_value(keep: int) -> int:
+    if keep < 1:
+        raise ValueError(f"must be at least 1 (got {keep}): keeping nothing is not a retention")
+    if keep > KEEP_MAX:
+        raise ValueError(f"must be at most {KEEP_MAX} (got {brief(keep)})")
+    return keep
+
+
+def speed_limit_value(mb_per_s: float) -> float:
+    if not math.isfinite(mb_per_s) or mb_per_s <= 0:
+        raise ValueError(f"must be a positive number of MB/s (got {mb_per_s})")
+    if mb_per_s > SPEED_LIMIT_MAX:
+        raise ValueError(f"must be at most {SPEED_LIMIT_MAX:g} MB/s (got {mb_per_s:g})")
+    return mb_per_s
+
+
+def first_try_value(stamp: float) -> float:
+    """A retry's first-try time (UNIX seconds): a future one would make the busy-wait never end."""
+    if not math.isfinite(stamp) or stamp <= 0 or stamp > time.time() + FIRST_TRY_SKEW:
+        raise ValueError(f"must be a UNIX time not in the future (got {stamp})")
+    return stamp
+
+
+def endpoint_value(name_or_host: str) -> str:
+    if not _ENDPOINT.fullmatch(name_or_host):
+        raise ValueError(
+            f"invalid endpoint {name_or_host!r}: a target's name or host (A-Z a-z 0-9 _ . : [ ] % @ -, "
+            "no leading '-')"
+        )
+    return name_or_host
+
+
+def _snapshot_value(full: str) -> str:
+    validate_snapshot(full)
+    return full
+
+
+VmName = Annotated[str, StringConstraints(max_length=200), AfterValidator(validate_vm)]
+DatasetName = Annotated[str, StringConstraints(max_length=MAX_NAME), AfterValidator(validate_dataset)]
+SnapshotRef = Annotated[str, StringConstraints(max_length=MAX_NAME), AfterValidator(_snapshot_value)]
+Stype = Annotated[str, StringConstraints(max_length=32), AfterValidator(validate_stype)]
+Keep = Annotated[int, AfterValidator(keep_value)]
+SpeedLimit = Annotated[float, AfterValidator(speed_limit_value)]
+FirstTry = Annotated[float, AfterValidator(first_try_value)]
+EndpointRef = Annotated[str, StringConstraints(max_length=MAX_ENDPOINT), AfterValidator(endpoint_value)]
+ScriptName = Annotated[str, StringConstraints(max_length=63), AfterValidator(validate_node_name)]
+# `vms=[]` would mean "every VM" to replicate_all: refused, null says that.
+VmList = Annotated[list[VmName], Field(min_length=1, max_length=MAX_ITEMS)]
+DatasetList = Annotated[list[DatasetName], Field(max_length=MAX_ITEMS)]
+
+
+# --- the mechanism ----------------------------------------------------------------------------------------
+
+
+class TaskRequest(BaseModel):
+    """Base of the request models. `task_name` is the task's public name, used in every message."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+    task_name: ClassVar[str] = ""
+
+    @classmethod
+    def from_call(
+        cls, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, params: Sequence[str] | None = None
+    ) -> Self:
+        """Bind `args`/`kwargs` by `params` (the task's parameter names; the model's fields by default) and
+        validate; every problem goes into one `InvalidRequest`."""
+        names = list(cls.model_fields) if params is None else list(params)
+        data, problems = _bind(args, {} if kwargs is None else kwargs, names)
+        if data is None:  # not even a list and an object: nothing to validate
+            raise cls.invalid(problems)
+        request = None
+        try:
+            request = cls.model_validate(data)
+        except ValidationError as exc:
+            problems += [(_field(e), _problem(e)) for e in exc.errors(include_url=False)]
+        if problems or request is None:
+            raise cls.invalid(problems)
+        return request
+
+    @classmethod
+    def of(cls, **kwargs: Any) -> Self:
+        """The client's way in: keyword arguments only."""
+        return cls.from_call((), kwargs)
+
+    def check_settings(self, settings: Settings) -> None:
+        """What only the worker can check, against its own settings, before the task body runs."""
+
+    @classmethod
+    def invalid(cls, problems: Sequence[tuple[str, str]]) -> InvalidRequest:
+        shown = [_clip(text) for _, text in problems[:MAX_PROBLEMS]]
+        if len(problems) > MAX_PROBLEMS:
+            shown.append(f"and {len(problems) - MAX_PROBLEMS} more")
+        line = " ".join(f"invalid request for {cls.task_name}: {'; '.join(shown)}".split())  # one line
+        return InvalidRequest(line, sorted({f for f, _ in problems[:MAX_PROBLEMS] if f}))
+
+
+def _bind(
+    args: Sequence[Any], kwargs: Mapping[str, Any], names: list[str]
+) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+    """Positional arguments take the parameter names in order, like Python's own call binding."""
+    problems: list[tuple[str, str]] = []
+    if not isinstance(args, list | tuple):
+        return None, [("", f"positional arguments must be a list (got {brief(args)})")]
+    if not isinstance(kwargs, Mapping):
+        return None, [("", f"keyword arguments must be an object (got {brief(kwargs)})")]
+    data = dict(zip(names, args, strict=False))
+    if len(args) > len(names):
+        problems.append(("", f"{len(args) - len(names)} extra positional argument(s): takes at most "
+                             f"{len(names)} ({', '.join(names)})"))
+    for key, value in kwargs.items():
+        if key in data:
+            problems.append((_key(key), f"{_key(key)}: given both by position and by keyword"))
+        else:
+            data[key] = value
+    return data, problems
+
+
+_MESSAGES = {"missing": "required", "extra_forbidden": "unknown argument"}
+
+
+def _problem(error: ErrorDetails) -> str:
+    where = _loc(error["loc"])
+    kind = error["type"]
+    if kind == "value_error":  # our validators' messages already quote the (bounded) value
+        return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+    if kind == "missing":
+        return f"{where}: required"
+    return f"{where}: {_MESSAGES.get(kind, error['msg'])} (got {brief(error['input'])})"
+
+
+def _field(error: ErrorDetails) -> str:
+    loc = error["loc"]
+    return _key(loc[0]) if loc else ""
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + _key(part)
+    return out or "arguments"
+
+
+def _key(key: object) -> str:
+    return key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else brief(key)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 40
+_REPR.maxother = 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+_REPR.maxlong = 40
+
+
+def brief(value: object) -> str:
+    """A short, one-line picture of any argument: never the whole of a huge one."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int beyond Python's str conversion limit
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
+    if isinstance(value, str) and len(value) > _REPR.maxstring:
+        text += f" ({len(value)} characters)"
+    elif isinstance(value, list | tuple | dict) and len(value) > _REPR.maxlist:
+        text += f" ({len(value)} items)"
+    return f"{type(value).__name__} {text}" if not isinstance(value, str | type(None)) else text
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_PROBLEM_CHARS else text[: MAX_PROBLEM_CHARS - 3] + "..."
+
+
+def _configured_endpoint(request: TaskRequest, endpoint: str, settings: Settings) -> None:
+    """The endpoint must be one of this worker's own targets (by name or host)."""
+    try:
+        settings.endpoint(endpoint)
+    except ConfigError as exc:
+        raise request.invalid([("endpoint", f"endpoint: {exc}")]) from None
+
+
+# --- one model per public task ----------------------------------------------------------------------------
+
+
+class TakeRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.snapshot.take"
+
+    vm: VmName
+    stype: Stype = "custom"
+    keep: Keep | None = None
+    first_try: FirstTry | None = None  # set by the task's own busy retries
+
+
+class TakeAllRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.snapshot.take_all"
+
+    stype: Stype
+    keep: Keep
+    only: DatasetList | None = None  # datasets, set by the task's own busy retries
+    first_try: FirstTry | None = None
+
+
+class ListRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.snapshot.list"
+
+    vm: VmName | None = None
+
+
+class DestroyRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.snapshot.destroy"
+
+    snapshot: SnapshotRef
+    first_try: FirstTry | None = None
+
+
+class SnapshotFanoutRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.snapshot.fanout"
+
+    stype: Stype
+    keep: Keep
+
+
+class ReplicateRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.replication.replicate"
+
+    vm: VmName
+    endpoint: EndpointRef
+    speed_limit: SpeedLimit | None = None
+
+    def check_settings(self, settings: Settings) -> None:
+        _configured_endpoint(self, self.endpoint, settings)
+
+
+class ReplicateAllRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.replication.replicate_all"
+
+    endpoint: EndpointRef
+    vms: VmList | None = None
+    speed_limit: SpeedLimit | None = None
+    script_name: ScriptName | None = None
+
+    def check_settings(self, settings: Settings) -> None:
+        _configured_endpoint(self, self.endpoint, settings)
+
+
+class ReplicationFanoutRequest(TaskRequest):
+    """Runs on the control queue: the endpoint is checked against the live nodes', not this worker's."""
+
+    task_name: ClassVar[str] = "hoster.replication.fanout"
+
+    endpoint: EndpointRef
+    speed_limit: SpeedLimit | None = None
+    script_name: ScriptName | None = None
+
+
+PUBLIC_REQUESTS: dict[str, type[TaskRequest]] = {
+    m.task_name: m
+    for m in (TakeRequest, TakeAllRequest, ListRequest, DestroyRequest, SnapshotFanoutRequest, ReplicateRequest,
+              ReplicateAllRequest, ReplicationFanoutRequest)
+}
