@@ -8,11 +8,12 @@ What leaves the node is scrubbed in `before_send` (which sentry-sdk also runs fo
   `scheme://user:password@` URL loses its password;
 - values under keys that name a secret (password, key_file, ...) are replaced.
 
-Crons: `CeleryIntegration(monitor_beat_tasks=True)` sends IN_PROGRESS from beat when an entry is dispatched
-and OK/ERROR from the worker when the task ends, with a monitor_config built from the entry's schedule only
-(sentry-sdk 2.x: `_apply_crons_data_to_schedule_entry`, no `max_runtime`). `before_send` adds `max_runtime`
-and `checkin_margin` to every check-in's monitor_config, per entry-name prefix (`CRON_MAX_RUNTIME_MINUTES`),
-so a long run is not marked timed out by Sentry.
+Crons: `CeleryIntegration(monitor_beat_tasks=True)` sends IN_PROGRESS from beat when an entry is dispatched,
+with a monitor_config built from the entry's schedule only (sentry-sdk 2.x: `_apply_crons_data_to_schedule_entry`,
+no `max_runtime`). sentry-sdk would close it when beat's task ends; the fan-outs take it over and close it when
+their last node job ends, with that outcome (crons.py). `before_send` adds `max_runtime` and `checkin_margin`
+to every check-in's monitor_config, per entry-name prefix (`CRON_MAX_RUNTIME_MINUTES`), so a long run is not
+marked timed out by Sentry; a run whose job was lost with its worker is, at `max_runtime`.
 """
 
 from __future__ import annotations
