@@ -390,7 +390,7 @@ _json = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(model=st.sampled_from(list(PUBLIC_REQUESTS.values())), args=st.lists(_json, max_size=5),
        kwargs=st.dictionaries(st.sampled_from(["vm", "stype", "keep", "only", "first_try", "snapshot", "endpoint",
                                                "vms", "speed_limit", "script_name", "force"]), _json, max_size=4))
