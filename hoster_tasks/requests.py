@@ -19,7 +19,7 @@ import re
 import reprlib
 import time
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic_core import ErrorDetails
@@ -33,7 +33,9 @@ from hoster_tasks.names import (
     validate_stype,
     validate_vm,
 )
-from hoster_tasks.settings import Settings
+
+if TYPE_CHECKING:  # settings may use these field types (SpeedLimit, ScriptName) without an import cycle
+    from hoster_tasks.settings import Settings
 
 KEEP_MAX = 10_000  # far above any real retention; bounds what one request may ask to keep
 SPEED_LIMIT_MAX = 100_000.0  # MB/s (100 GB/s): above any link, and pv's byte rate stays a plain integer
