@@ -107,13 +107,34 @@ def test_compose_has_redis_with_password_and_persistence(yaml: ModuleType) -> No
     assert {"redis", "beat", "flower"} <= set(services)
     redis = services["redis"]
     assert str(redis["image"]).startswith("redis:7")
-    cmd = [str(c) for c in redis["command"]]
-    assert cmd[cmd.index("--requirepass") + 1].startswith("${REDIS_PASSWORD:?")
-    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    # the password comes from a secret file (docker/redis/start.sh: an ACL file), the settings from redis.conf
+    assert [str(c) for c in redis["command"]] == ["sh", "/usr/local/etc/redis/start.sh"]
+    assert redis["secrets"] == ["redis_password"]
+    assert _compose(yaml)["secrets"]["redis_password"] == {"environment": "REDIS_PASSWORD"}
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in map(str, redis["volumes"])}
+    assert mounts["/usr/local/etc/redis/start.sh"] == "./redis/start.sh"
+    assert mounts["/usr/local/etc/redis/redis.conf"] == "./redis/redis.conf"
+    conf = dict(line.split(None, 1) for line in (DOCKER / "redis" / "redis.conf").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert conf["appendonly"] == "yes" and conf["maxmemory-policy"] == "noeviction"
     assert any(str(v).endswith(":/data") for v in redis["volumes"])
     assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    assert "/run/secrets/redis_password" in " ".join(redis["healthcheck"]["test"])
     # published on an explicit (default loopback) address, never on every interface by accident
     assert all(str(p).startswith("${REDIS_BIND:-127.0.0.1}:") for p in redis["ports"])
+
+
+def test_no_password_on_any_command_line(yaml: ModuleType) -> None:
+    """Command lines are readable by every local user (`ps`) and shown by `docker inspect`."""
+    compose = _compose(yaml)
+    for name, svc in compose["services"].items():
+        for field in ("command", "entrypoint"):
+            line = " ".join(map(str, svc.get(field) or []))
+            assert "PASSWORD" not in line and "requirepass" not in line and "BASIC_AUTH" not in line, (name, field)
+        check = " ".join(map(str, svc.get("healthcheck", {}).get("test", [])))
+        assert "${" not in check, name  # compose would write the value itself into the container's config
+    assert "requirepass" not in (DOCKER / "redis" / "redis.conf").read_text()
+    assert "PASSWORD" not in (DOCKER / "redis" / "redis.conf").read_text()
 
 
 def test_compose_beat_and_flower(yaml: ModuleType) -> None:
