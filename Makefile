@@ -7,6 +7,7 @@ test:
 	bash scripts/bootstrap.sh
 	$(PYTHON) -m pytest -q
 
+# CI (.ci/run) runs it after installing and before the tests: the tree must pass it.
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from hoster_tasks import keys
 from hoster_tasks.errors import NoLiveNode, UnknownVM
@@ -56,7 +57,7 @@ def inventory(shell: Shell, settings: Settings) -> list[VmInfo]:
 def publish(client: redis.Redis, settings: Settings, vms: list[VmInfo], now: float) -> None:
     key = keys.node(settings.node_name)
     ttl = max(int(settings.heartbeat_seconds * keys.NODE_TTL_FACTOR), 2)
-    payload: dict[str | bytes, str] = {
+    payload: dict[FieldT, EncodableT] = {
         "queue": keys.node_queue(settings.node_name),
         "last_seen": str(now),
         "vms": json.dumps([v.__dict__ for v in vms]),
@@ -70,14 +71,19 @@ def publish(client: redis.Redis, settings: Settings, vms: list[VmInfo], now: flo
     pipe.execute()
 
 
+def _text(value: bytes | str) -> str:
+    """redis-py answers bytes, or str for a client made with decode_responses=True."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return {_text(k): _text(v) for k, v in raw.items()}
 
 
 def live_nodes(client: redis.Redis) -> list[NodeInfo]:
     out = []
     for raw_name in sorted(client.smembers(keys.NODES_SET)):
-        name = raw_name.decode()
+        name = _text(raw_name)
         data = _decode(client.hgetall(keys.node(name)))  # type: ignore[arg-type]
         if not data:
             continue
@@ -88,7 +94,7 @@ def live_nodes(client: redis.Redis) -> list[NodeInfo]:
 
 
 def known_nodes(client: redis.Redis) -> list[str]:
-    return sorted(n.decode() for n in client.smembers(keys.NODES_SET))
+    return sorted(_text(n) for n in client.smembers(keys.NODES_SET))
 
 
 def locate_vm(client: redis.Redis, vm: str) -> tuple[NodeInfo, VmInfo]:
