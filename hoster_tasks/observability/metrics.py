@@ -1,4 +1,8 @@
-"""Prometheus metrics from the state the tasks keep in Redis: text exposition / node_exporter textfile."""
+"""Prometheus metrics from the state the tasks keep in Redis: text exposition / node_exporter textfile.
+
+The state is found through the per-node indexes (observability.state), never by scanning the keyspace:
+workers render this after every task, and Celery's result keys share the Redis.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 
 import redis
 
 from hoster_tasks import keys
+from hoster_tasks.nodes import known_nodes
+from hoster_tasks.observability import state
 from hoster_tasks.settings import Settings
 
 HELP = {
@@ -47,23 +52,28 @@ def _line(name: str, labels: dict[str, str], value: float) -> str:
     return f"{name}{{{inner}}} {format_value(value)}"
 
 
-def _hashes(client: redis.Redis, pattern: str) -> Iterator[tuple[list[str], dict[str, str]]]:
-    for raw in client.scan_iter(match=pattern, count=500):
-        key = raw.decode()
-        data = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}  # type: ignore[union-attr]
-        yield key.split(":"), data
-
-
 def samples(client: redis.Redis, now: float) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {name: [] for name in HELP}
-    for parts, data in _hashes(client, keys.STATE_PATTERN):
-        node, dataset = parts[2], ":".join(parts[3:])
+    nodes = known_nodes(client)
+    for node in nodes:
+        _snapshot_samples(out, node, state.dataset_states(client, node))
+        _replication_samples(out, node, state.replication_states(client, node), now)
+    _node_samples(out, client, nodes)
+    return out
+
+
+def _snapshot_samples(out: dict[str, list[str]], node: str, states: dict[str, dict[str, str]]) -> None:
+    for dataset, data in states.items():
         if "last_snapshot_time" in data:
             out["hoster_tasks_last_snapshot_timestamp_seconds"].append(
                 _line("hoster_tasks_last_snapshot_timestamp_seconds", {"node": node, "dataset": dataset},
                       float(data["last_snapshot_time"])))
-    for parts, data in _hashes(client, keys.REPLICATION_PATTERN):
-        node, target, dataset = parts[2], parts[-1], ":".join(parts[3:-1])
+
+
+def _replication_samples(
+    out: dict[str, list[str]], node: str, states: dict[tuple[str, str], dict[str, str]], now: float
+) -> None:
+    for (dataset, target), data in states.items():
         labels = {"node": node, "dataset": dataset, "target": target}
         values = {
             "hoster_tasks_last_replication_success_timestamp_seconds": data.get("last_success"),
@@ -78,14 +88,17 @@ def samples(client: redis.Redis, now: float) -> dict[str, list[str]]:
         for name, value in values.items():
             if value not in (None, ""):
                 out[name].append(_line(name, labels, float(value)))  # type: ignore[arg-type]
-    for raw in sorted(client.smembers(keys.NODES_SET)):
-        node = raw.decode()
-        seen = client.hget(keys.node(node), "last_seen")
+
+
+def _node_samples(out: dict[str, list[str]], client: redis.Redis, nodes: list[str]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for node in nodes:
+        pipe.hget(keys.node(node), "last_seen")
+    for node, seen in zip(nodes, pipe.execute(), strict=True):
         out["hoster_tasks_node_up"].append(_line("hoster_tasks_node_up", {"node": node}, 1 if seen else 0))
         if seen:
             out["hoster_tasks_node_last_heartbeat_timestamp_seconds"].append(
                 _line("hoster_tasks_node_last_heartbeat_timestamp_seconds", {"node": node}, float(seen)))
-    return out
 
 
 def collect_metrics(settings: Settings, now: float | None = None) -> str:

@@ -1,19 +1,24 @@
-"""`hoster-tasks status`: per node and VM, last snapshot, last replication, lag, running jobs, locks, errors."""
+"""`hoster-tasks status`: per node and VM, last snapshot, last replication, lag, running jobs, locks, errors.
+
+Every key read is named from the live nodes' VMs and the state indexes (observability.state): no scan of the
+keyspace, so the cost follows the number of VMs, not the number of keys (Celery's results share the Redis).
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
 
 from hoster_tasks import keys
 from hoster_tasks.cli.table import render
-from hoster_tasks.locks import held_locks
-from hoster_tasks.nodes import known_nodes, live_nodes
-from hoster_tasks.settings import Settings
+from hoster_tasks.nodes import NodeInfo, known_nodes, live_nodes
+from hoster_tasks.observability import state
+from hoster_tasks.settings import Endpoint, Settings
 
 
 def _hash(client: redis.Redis, key: str) -> dict[str, str]:
@@ -45,27 +50,51 @@ def error_summary(text: str | None, width: int = 60) -> str:
 def collect_status(settings: Settings, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as client:
-        return _collect(client, now)
+        return _collect(client, now, settings.targets)
 
 
-def _collect(client: redis.Redis, now: float) -> dict[str, Any]:
+def _collect(client: redis.Redis, now: float, endpoints: Sequence[Endpoint] = ()) -> dict[str, Any]:
     live = {n.name: n for n in live_nodes(client)}
     vms, running = [], []
     for node in live.values():
+        snapshots = state.dataset_states(client, node.name, [vm.dataset for vm in node.vms])
+        by_dataset: dict[str, dict[str, dict[str, str]]] = {}
+        for (dataset, target), repl in state.replication_states(client, node.name).items():
+            by_dataset.setdefault(dataset, {})[target] = repl
         for vm in node.vms:
-            state = _hash(client, keys.dataset_state(node.name, vm.dataset))
-            repl = {}
-            for raw in client.scan_iter(match=f"{keys.replication_state(node.name, vm.dataset, '')}*"):
-                target = raw.decode().rsplit(":", 1)[-1]
-                repl[target] = _hash(client, raw.decode())
+            snap = snapshots.get(vm.dataset, {})
             vms.append({"node": node.name, "vm": vm.name, "dataset": vm.dataset, "parent": vm.parent,
-                        "last_snapshot": state.get("last_snapshot"),
-                        "last_snapshot_time": state.get("last_snapshot_time"), "replication": repl})
+                        "last_snapshot": snap.get("last_snapshot"),
+                        "last_snapshot_time": snap.get("last_snapshot_time"),
+                        "replication": by_dataset.get(vm.dataset, {})})
         for task_id, raw in _hash(client, keys.running_jobs(node.name)).items():
             running.append({"node": node.name, "task_id": task_id, **json.loads(raw)})
     nodes = [{"node": n, "up": n in live, "last_seen": live[n].last_seen if n in live else None}
              for n in known_nodes(client)]
-    return {"now": now, "nodes": nodes, "vms": vms, "running": running, "locks": held_locks(client)}
+    locks = held_locks(client, lock_keys(live.values(), endpoints))
+    return {"now": now, "nodes": nodes, "vms": vms, "running": running, "locks": locks}
+
+
+def lock_keys(nodes: Iterable[NodeInfo], endpoints: Sequence[Endpoint]) -> list[str]:
+    """The locks a job can hold: every VM dataset (and copy) of a live node, and each target copy of a VM
+    this node owns, named as the endpoints configured here name it (a target need not run hoster-tasks)."""
+    out: dict[str, None] = {}
+    for node in nodes:
+        for vm in node.vms:
+            out[keys.dataset_lock(node.name, vm.dataset)] = None
+            if vm.parent == node.name:
+                for ep in endpoints:
+                    out[keys.dataset_lock(ep.name, ep.target_dataset(vm.dataset))] = None
+    return list(out)
+
+
+def held_locks(client: redis.Redis, names: Sequence[str]) -> dict[str, float]:
+    """Lock key -> seconds left on its lease, for those of `names` that are held (one round trip)."""
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.pttl(name)
+    ttls = pipe.execute()
+    return {name: max(int(ttl), 0) / 1000 for name, ttl in zip(names, ttls, strict=True) if int(ttl) != -2}
 
 
 def render_status(status: dict[str, Any]) -> str:

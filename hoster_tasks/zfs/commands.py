@@ -50,6 +50,26 @@ def destroy_snapshot(full: str, zfs: str = ZFS) -> list[str]:
     return [zfs, "destroy", full]
 
 
+def destroy_snapshots(dataset: str, names: Sequence[str], zfs: str = ZFS) -> list[list[str]]:
+    """`zfs destroy ds@a,b,c` (OpenZFS: one call, all or nothing); split when the list would get too long
+    (it is one argument: Linux allows 128 KiB per argument). Not for zfs-fuse, which takes one snapshot per
+    call (see probe.Capabilities.destroy_list)."""
+    validate_dataset(dataset)
+    calls: list[list[str]] = []
+    current: list[str] = []
+    size = len(dataset) + 1
+    for name in names:
+        validate_snapshot_name(name)
+        if current and size + len(name) + 1 > ARGV_BUDGET:
+            calls.append([zfs, "destroy", f"{dataset}@{','.join(current)}"])
+            current, size = [], len(dataset) + 1
+        current.append(name)
+        size += len(name) + 1
+    if current:
+        calls.append([zfs, "destroy", f"{dataset}@{','.join(current)}"])
+    return calls
+
+
 _PROPERTY = re.compile(r"[a-z0-9][a-z0-9:._-]*")
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from hoster_tasks.errors import DatasetNotFound
+from hoster_tasks.errors import DatasetBusy, DatasetNotFound, SnapshotHeld
 from hoster_tasks.zfs import commands as cmd
 from hoster_tasks.zfs.parse import Snapshot, parse_get, parse_names, snapshots_from_get
 from hoster_tasks.zfs.probe import Capabilities
@@ -75,6 +75,46 @@ def take_snapshots(
 
 def destroy_snapshot(shell: Shell, full: str, zfs: str = cmd.ZFS) -> None:
     shell.run(cmd.destroy_snapshot(full, zfs))
+
+
+def _nothing() -> None:
+    pass
+
+
+def destroy_snapshots(
+    shell: Shell, fulls: Sequence[str], caps: Capabilities, zfs: str = cmd.ZFS,
+    check: Callable[[], None] = _nothing,
+) -> tuple[list[str], list[str]]:
+    """Destroy the snapshots: one call per dataset where the host takes lists, one call each where it does
+    not (zfs-fuse). A held or busy snapshot is spared ("full (why)"), not fatal, and the others still go: a
+    list destroy is all or nothing, so a refused one is retried snapshot by snapshot. `check` runs before
+    every destroy (a lock check). Returns (destroyed, spared), in the order given."""
+    by_dataset: dict[str, list[str]] = {}
+    for full in fulls:
+        ds, name = full.split("@", 1)
+        by_dataset.setdefault(ds, []).append(name)
+    destroyed: list[str] = []
+    spared: list[str] = []
+    for ds, names in by_dataset.items():
+        batches = cmd.destroy_snapshots(ds, names, zfs) if caps.destroy_list and len(names) > 1 else []
+        singles = [] if batches else names
+        for argv in batches:
+            batch = argv[-1].split("@", 1)[1].split(",")
+            check()
+            try:
+                shell.run(argv)
+                destroyed += [f"{ds}@{n}" for n in batch]
+            except (SnapshotHeld, DatasetBusy):
+                singles += batch
+        for name in singles:
+            check()
+            try:
+                shell.run(cmd.destroy_snapshot(f"{ds}@{name}", zfs))
+                destroyed.append(f"{ds}@{name}")
+            except (SnapshotHeld, DatasetBusy) as exc:
+                spared.append(f"{ds}@{name} ({exc.stderr})")
+    order = {full: i for i, full in enumerate(fulls)}
+    return sorted(destroyed, key=order.__getitem__), sorted(spared, key=lambda s: order[s.split(" (", 1)[0]])
 
 
 def set_property(shell: Shell, dataset: str, prop: str, value: str, zfs: str = cmd.ZFS) -> None:

@@ -37,6 +37,8 @@ def test_zfs_fuse_capabilities() -> None:
     assert caps.list_parsable is False
     assert caps.clones_property is False  # zfs-fuse: "bad property list: invalid property 'clones'"
     assert caps.receive_unmounted is True
+    assert caps.encryption is False  # no load-key: no dataset can be encrypted
+    assert caps.destroy_list is False  # `destroy [-rRd] <snapshot>`: one snapshot per call
 
 
 def test_openzfs2_capabilities_all_true() -> None:
@@ -51,6 +53,8 @@ def test_openzfs2_capabilities_all_true() -> None:
         list_parsable=True,
         clones_property=True,
         receive_unmounted=True,
+        encryption=True,
+        destroy_list=True,
     )
     assert caps == OPENZFS2
 
@@ -75,6 +79,8 @@ def _without_line(text: str, startswith: str) -> str:
         ("bookmark ", "bookmarks"),
         ("hold ", "holds"),
         ("snapshot ", "multi_snapshot"),
+        ("load-key ", "encryption"),
+        ("destroy [-dnpRrv]", "destroy_list"),
     ],
 )
 def test_each_feature_depends_on_its_own_usage_line(drop: str, field: str) -> None:
