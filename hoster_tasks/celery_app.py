@@ -1,13 +1,16 @@
 """The Celery app and its settings, chosen for jobs that can run for hours.
 
-Choices (see ../shared notes on the Redis broker):
+The delivery model (see also README, "Key choices"):
 - Early ack (`task_acks_late=False`). With late ack a job still running after `visibility_timeout` is
-  delivered again and would run twice; replication converges (the next run sends whatever is missing) and
-  snapshots are re-run by the schedule, so losing a job when a worker dies is the smaller harm. The
-  per-dataset lock still makes any duplicate delivery wait or fail as busy instead of overlapping.
-- `visibility_timeout` stays above every retry countdown (`retry_backoff_max` <= 600 s): ETA'd retries are
-  held unacked by the worker and would otherwise be redelivered.
-- Prefetch 1: a long job must not sit on messages that another worker process could run.
+  delivered again and would run twice. A job lost with a dying worker is found by its job lease instead
+  (`tasks/jobs.py`) and re-queued once; replication converges, so a re-run is safe.
+- No prefetch (`worker_disable_prefetch`): a worker takes a message only when a process is free to start
+  it. A reserved-but-unstarted message is unacked, and Redis would restore and deliver it a second time
+  after `visibility_timeout` (a snapshot fan-out reserved behind a long replication ran an hour late, twice).
+- Every countdown stays below `visibility_timeout` (settings refuse otherwise): an ETA'd retry is held
+  unacked by the worker until it is due.
+- Whatever still arrives twice is made harmless by the per-dataset locks (`locks.py`): a chain link's
+  second delivery finds its chain's lock taken and runs nothing.
 - JSON only, never pickle.
 """
 
@@ -31,9 +34,9 @@ def make_app() -> Celery:
         result_accept_content=["json"],
         task_acks_late=False,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": 3600},
-        result_backend_transport_options={"visibility_timeout": 3600},
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_disable_prefetch=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         task_send_sent_event=True,

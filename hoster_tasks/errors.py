@@ -147,6 +147,10 @@ def zfs_error(argv: Sequence[str], exit_code: int, stderr: str, host: str = "loc
     return ZfsError(argv, exit_code, stderr, host)
 
 
+class DuplicateDelivery(HosterTasksError):
+    """A second delivery of a chain link whose lock another delivery holds: it must run nothing."""
+
+
 class InvalidRequest(InvalidName, ConfigError):
     """A task's arguments failed its request model (hoster_tasks.requests): nothing ran.
 
@@ -161,3 +165,29 @@ class InvalidRequest(InvalidName, ConfigError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class ProbeFailed(CommandFailed, Permanent):
+    """`zfs` on a host did not answer with its usage text (not installed, wrong `zfs_command`, a shell
+    that printed something else): what the host supports is unknown, so nothing is assumed."""
+
+    def __str__(self) -> str:
+        return f"cannot probe ZFS on {self.host}: {super().__str__()}"
+
+
+class EncryptedSendRefused(Permanent):
+    """An encrypted dataset would leave its host decrypted (no raw send on both sides) and the endpoint
+    does not allow it (`send_decrypted`)."""
+
+
+class JobLost(HosterTasksError):
+    """The worker running a job died or froze; the job was re-queued (the message names the new id)."""
+
+
+class ReadOnlyCopy(Permanent):
+    """The dataset is a backup copy of another node's VM: no task changes it on this node."""
+
+
+class ReceiveInProgress(Busy):
+    """A `zfs receive` into the target dataset is running on the target (a transfer that outlived its worker's
+    lease, or another tool's): retried later, never taken for a diverged copy."""

@@ -52,3 +52,64 @@ REPLICATION_PATTERN = f"{PREFIX}:repl:*"
 def running_jobs(node_name: str) -> str:
     """Hash task_id -> description of jobs running on a node right now."""
     return f"{PREFIX}:running:{node_name}"
+
+
+FENCE_TTL_SECONDS = 30 * 24 * 3600  # a fence outlives any lease by far; a retired dataset's goes away
+
+
+def job_alive(task_id: str) -> str:
+    """Exists while the worker process running this job renews it (a lease): gone = the job is lost."""
+    return f"{PREFIX}:job-alive:{task_id}"
+
+
+def job_requeued(task_id: str) -> str:
+    """The id of the job that re-runs a lost one (`task_id` is the id a client waits on)."""
+    return f"{PREFIX}:job-requeued:{task_id}"
+
+
+REQUEUED_TTL_SECONDS = 7 * 24 * 3600
+
+
+def deferred_prunes(node_name: str, dataset: str) -> str:
+    """Hash stype -> keep: retention a snapshot job could not run while the dataset was replicating."""
+    return f"{PREFIX}:prune-deferred:{node_name}:{dataset}"
+
+
+DEFERRED_PRUNE_TTL_SECONDS = 7 * 24 * 3600  # by then the schedule's own runs have pruned it
+
+
+def fanout_checkin(fanout_id: str) -> str:
+    """Hash: the Sentry Crons check-in a beat fan-out took over (slug, check-in id, start, failures)."""
+    return f"{PREFIX}:fanout:{fanout_id}"
+
+
+def fanout_pending(fanout_id: str) -> str:
+    """Set: the nodes whose job of that fan-out has not ended for good yet (the last one closes the check-in)."""
+    return f"{PREFIX}:fanout:{fanout_id}:pending"
+
+
+# State hashes (dataset_state, replication_state) live this long after their last write, so a retired VM's
+# state goes away by itself; every write refreshes it.
+STATE_TTL_SECONDS = 30 * 24 * 3600
+
+
+def dataset_state_index(node_name: str) -> str:
+    """Sorted set of a node's datasets that have a dataset_state hash, scored by its last write (unix time):
+    `status` and `metrics` read these instead of scanning the keyspace. Same TTL as the hashes."""
+    return f"{PREFIX}:index:state:{node_name}"
+
+
+def replication_state_index(node_name: str) -> str:
+    """Sorted set of `replication_member(dataset, target)` for a node's replication_state hashes, scored by
+    the last write. Same TTL as the hashes."""
+    return f"{PREFIX}:index:repl:{node_name}"
+
+
+def replication_member(dataset: str, target: str) -> str:
+    """A tab never occurs in a dataset or node name (names.py), so the pair splits back unambiguously."""
+    return f"{dataset}\t{target}"
+
+
+def parse_replication_member(member: str) -> tuple[str, str]:
+    dataset, _, target = member.partition("\t")
+    return dataset, target

@@ -1,23 +1,40 @@
-"""Per-dataset locks: redis-py `Lock` with an owner token, a lease renewed by a heartbeat thread, and a
-fencing counter. A lease that cannot be renewed sets `lost` and calls `on_lost` so the work stops.
+"""Per-dataset locks: one Redis key per (node, dataset) holding its holder's value, a lease renewed by a
+heartbeat thread, and a fencing counter.
 
-A chain of tasks passes one token along: the next link re-takes the lock it already owns (`reacquire`)
-instead of queueing behind itself.
+- One holder at a time: every change of the key is a compare-and-set on the holder's value (Lua), so a
+  holder that lost its lease can neither renew nor release someone else's lock.
+- A chain of tasks hands the lock from link to link: a link ends by swapping its value for a one-time
+  handoff value, and the next link claims exactly that value. Two deliveries of one link cannot both
+  claim it; a delivery that finds the lock held by its own chain is a duplicate (`DuplicateDelivery`).
+- `check()` reads the key and the fence in one round trip and is called before every destructive ZFS
+  command: a holder whose lease expired (a frozen worker, a Redis failover) stops there.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
 import redis
-from redis.exceptions import LockError, LockNotOwnedError
 
 from hoster_tasks import keys
-from hoster_tasks.errors import Busy, LockLost
+from hoster_tasks.errors import Busy, DuplicateDelivery, LockLost
+
+# KEYS[1]: the lock. ARGV[1]: expected value; ARGV[2]: new value ('' deletes); ARGV[3]: lease in ms.
+_SWAP = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('del', KEYS[1]) else redis.call('set', KEYS[1], ARGV[2], 'px', ARGV[3]) end
+return 1
+"""
+_EXTEND = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('pexpire', KEYS[1], ARGV[2])
+"""
+_POLL_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -28,79 +45,124 @@ class LockSpec:
     wait: float = 30.0
 
 
+def _nonce() -> str:
+    return uuid.uuid4().hex
+
+
 @dataclass
 class DatasetLock:
     client: redis.Redis
     spec: LockSpec
-    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    chain: str | None = None  # a chain of tasks sharing this lock: its links hand it on (see module doc)
     on_lost: Callable[[], None] | None = None
     lost: threading.Event = field(default_factory=threading.Event)
     fence: int = 0
+    value: str = ""  # what the key holds while the lock is ours
 
     def __post_init__(self) -> None:
-        self._lock = self.client.lock(
-            keys.dataset_lock(self.spec.node, self.spec.dataset),
-            timeout=self.spec.lease,
-            blocking_timeout=self.spec.wait,
-            thread_local=False,  # the heartbeat thread renews what the task thread took
-        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.value = self._own_value()
 
     @property
     def key(self) -> str:
         return keys.dataset_lock(self.spec.node, self.spec.dataset)
 
     @property
-    def value(self) -> str:
-        """What the lock key holds while this lock is ours (a watchdog compares against it)."""
-        return self.token
+    def _fence_key(self) -> str:
+        return keys.lock_fence(self.spec.node, self.spec.dataset)
 
+    def _own_value(self) -> str:
+        return f"{self.chain}:{_nonce()}" if self.chain else _nonce()
+
+    def _ms(self) -> int:
+        return max(int(self.spec.lease * 1000), 1)
+
+    def _swap(self, expected: str, new: str) -> bool:
+        return bool(self.client.eval(_SWAP, 1, self.key, expected, new, self._ms()))
+
+    # -- taking it ---------------------------------------------------------------------------------------
     def acquire(self) -> DatasetLock:
-        if not self._retake():
-            if not self._lock.acquire(token=self.token):
-                holder = self.client.get(self.key)
-                raise Busy(
-                    f"dataset {self.spec.dataset} on {self.spec.node} is busy: another job holds its lock "
-                    f"(holder {holder!r})",
-                    [self.spec.dataset],
-                )
-        self.fence = int(self.client.incr(keys.lock_fence(self.spec.node, self.spec.dataset)))
+        """Take a free lock, waiting up to `spec.wait`; raises Busy (or DuplicateDelivery for a chain)."""
+        deadline = time.monotonic() + self.spec.wait
+        while not self.client.set(self.key, self.value, nx=True, px=self._ms()):
+            holder = self._holder()
+            if self.chain and holder is not None and holder.startswith(f"{self.chain}:"):
+                raise DuplicateDelivery(f"{self.spec.dataset} on {self.spec.node} is held by another delivery "
+                                        f"of the same chain ({self.chain})")
+            if time.monotonic() >= deadline:
+                raise Busy(f"dataset {self.spec.dataset} on {self.spec.node} is busy: another job holds its lock "
+                           f"(holder {holder!r})", [self.spec.dataset])
+            time.sleep(_POLL_SECONDS)
+        return self._taken()
+
+    def claim(self, handoff: str | None) -> DatasetLock:
+        """A chain link takes the lock its previous link handed on; without a handoff (the first link, or
+        a handoff that lapsed) it takes the lock like anyone else."""
+        if handoff and self._swap(handoff, self.value):
+            return self._taken()
+        return self.acquire()
+
+    def _taken(self) -> DatasetLock:
+        pipe = self.client.pipeline()
+        pipe.incr(self._fence_key)
+        pipe.expire(self._fence_key, keys.FENCE_TTL_SECONDS)
+        self.fence = int(pipe.execute()[0])
+        self.lost.clear()
         self._start_heartbeat()
         return self
 
-    def _retake(self) -> bool:
-        """True when the lock is already ours (an earlier link of the same chain)."""
-        if self.client.get(self.key) != self.token.encode():
-            return False
-        self._lock.local.token = self.token.encode()
-        try:
-            self._lock.reacquire()
-        except LockError:
-            return False
-        return True
+    def _holder(self) -> str | None:
+        raw = self.client.get(self.key)
+        return raw.decode() if isinstance(raw, bytes) else raw
 
+    # -- holding it --------------------------------------------------------------------------------------
     def _start_heartbeat(self) -> None:
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name=f"lock:{self.spec.dataset}", daemon=True)
         self._thread.start()
 
+    @property
+    def renew_interval(self) -> float:
+        return max(self.spec.lease / 3, 0.2)
+
     def _beat(self) -> None:
-        interval = max(self.spec.lease / 3, 0.2)
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self.renew_interval):
             try:
-                self._lock.extend(self.spec.lease, replace_ttl=True)
-            except (LockNotOwnedError, LockError, redis.RedisError):
-                self.lost.set()
-                if self.on_lost is not None:
-                    self.on_lost()
-                return
+                if self.client.eval(_EXTEND, 1, self.key, self.value, self._ms()):
+                    continue
+            except redis.RedisError:
+                pass
+            self._mark_lost()
+            return
+
+    def _mark_lost(self) -> None:
+        self.lost.set()
+        if self.on_lost is not None:
+            self.on_lost()
 
     def check(self) -> None:
-        """Call between steps: raises once the lease was lost, before anything destructive runs."""
-        if self.lost.is_set() or not self._lock.owned():
-            self.lost.set()
+        """Before anything destructive: the key still holds our value and nobody took the lock since
+        (fence). Raises LockLost otherwise."""
+        try:
+            value, fence = self.client.mget([self.key, self._fence_key])
+        except redis.RedisError as exc:
+            self._mark_lost()
+            raise LockLost(f"cannot verify the lock on {self.spec.dataset} ({self.spec.node}): {exc}") from None
+        ours = isinstance(value, bytes) and value.decode() == self.value
+        if self.lost.is_set() or not ours or fence is None or int(fence) != self.fence:
+            self._mark_lost()
             raise LockLost(f"lost the lock on {self.spec.dataset} ({self.spec.node}); work stopped")
+
+    # -- letting go --------------------------------------------------------------------------------------
+    def hand_off(self) -> str:
+        """End this link's hold by swapping our value for a one-time handoff value the next link claims
+        (the lease carries the lock between the links). Returns that value."""
+        self.stop_heartbeat()
+        handoff = f"{self.chain}:handoff:{_nonce()}" if self.chain else f"handoff:{_nonce()}"
+        if not self._swap(self.value, handoff):
+            raise LockLost(f"lost the lock on {self.spec.dataset} ({self.spec.node}) before handing it on")
+        return handoff
 
     def stop_heartbeat(self) -> None:
         self._stop.set()
@@ -110,9 +172,9 @@ class DatasetLock:
     def release(self) -> None:
         self.stop_heartbeat()
         try:
-            self._lock.release()
-        except (LockError, redis.RedisError):
-            pass  # expired or taken over: nothing of ours to release
+            self._swap(self.value, "")
+        except redis.RedisError:
+            pass  # the lease ends it
 
     def __enter__(self) -> DatasetLock:
         return self.acquire()

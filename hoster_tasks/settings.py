@@ -34,6 +34,9 @@ class Endpoint(BaseModel, frozen=True):
     keepalive_seconds: int = 5  # ssh ServerAliveInterval; 3 missed replies end a stalled transfer
     # Per-type keep counts on the target; empty means "mirror the source's pruning".
     keep: dict[str, int] = Field(default_factory=dict)
+    # An encrypted dataset is sent raw (it stays encrypted on the target) or not at all; true allows a
+    # decrypted (plaintext) copy where either side's ZFS has no raw send (zfs send -w).
+    send_decrypted: bool = False
 
     @field_validator("name")
     @classmethod
@@ -130,6 +133,9 @@ class Settings(BaseSettings):
     replication_schedule: dict[str, ReplicationEntry] = Field(default_factory=dict)
     retry_max: int = 5
     retry_backoff_max_seconds: int = 600
+    # Redis redelivers a message still unacked this long after delivery: a retry countdown (held unacked by
+    # the worker until it is due) must stay below it, or the retry would run twice.
+    visibility_timeout_seconds: int = 3600
     sentry_dsn: str | None = None
     sentry_environment: str = "production"
     sentry_release: str | None = None
@@ -153,6 +159,14 @@ class Settings(BaseSettings):
         if v <= 0:
             raise ValueError("must be positive")
         return v
+
+    @model_validator(mode="after")
+    def _countdowns_below_visibility(self) -> Settings:
+        for name in ("retry_backoff_max_seconds", "lock_lease_seconds", "lock_wait_seconds"):
+            if getattr(self, name) >= self.visibility_timeout_seconds:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be below visibility_timeout_seconds "
+                                 f"({self.visibility_timeout_seconds}): a message held that long is delivered twice")
+        return self
 
     @model_validator(mode="after")
     def _targets_unique(self) -> Settings:
