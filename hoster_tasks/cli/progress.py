@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 BAR_WIDTH = 30
@@ -18,12 +19,48 @@ def bar(done: int, total: int | None, label: str = "") -> str:
     return f"{label} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {frac * 100:5.1f}% {mib:8.1f} MiB"
 
 
-def wait_with_progress(result: Any, timeout: float, out: TextIO = sys.stderr, poll: float = 0.5) -> Any:
-    """Poll the result backend; PROGRESS meta {dataset, bytes, total} becomes a bar. Raises the task's error."""
+FOLLOW_EVERY = 2.0  # seconds between looks for a lost job (jobs.py)
+
+
+def lost_job_follower(app: Any) -> Callable[[str], str | None]:
+    """task id -> the id of the job that re-runs it, if its worker died. Reaps too, so a lost job is found
+    even when no other worker is alive to notice."""
+    import redis
+
+    from hoster_tasks.jobs import reap_lost_jobs, requeued_as
+    from hoster_tasks.nodes import known_nodes
+    from hoster_tasks.settings import get_settings
+
+    client = redis.Redis.from_url(get_settings().redis_url, socket_connect_timeout=5)
+
+    def follow(task_id: str) -> str | None:
+        reap_lost_jobs(client, app, known_nodes(client))
+        return requeued_as(client, task_id)
+
+    return follow
+
+
+def wait_with_progress(
+    result: Any, timeout: float, out: TextIO = sys.stderr, poll: float = 0.5,
+    follow: Callable[[str], str | None] | None = None,
+) -> Any:
+    """Poll the result backend; PROGRESS meta {dataset, bytes, total} becomes a bar. Raises the task's error.
+    A job lost with its worker is followed to the job that re-runs it (said on `out`)."""
+    if follow is None:
+        follow = lost_job_follower(result.app)
     deadline = time.monotonic() + timeout
     drawn = last = ""
-    while not result.ready():
-        if time.monotonic() > deadline:
+    next_follow = time.monotonic() + FOLLOW_EVERY
+    while True:
+        if time.monotonic() >= next_follow or result.ready():
+            next_follow = time.monotonic() + FOLLOW_EVERY
+            new_id = follow(result.id)
+            if new_id is not None:
+                out.write(f"hoster-tasks: the worker running this job died; re-queued as {new_id}\n")
+                out.flush()
+                result = type(result)(new_id, app=result.app)
+                continue
+        if result.ready() or time.monotonic() > deadline:
             break
         info = result.info if result.state == "PROGRESS" else None
         if isinstance(info, dict) and "bytes" in info:

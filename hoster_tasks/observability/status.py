@@ -6,7 +6,6 @@ keyspace, so the cost follows the number of VMs, not the number of keys (Celery'
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -16,6 +15,7 @@ import redis
 
 from hoster_tasks import keys
 from hoster_tasks.cli.table import render
+from hoster_tasks.jobs import running_jobs
 from hoster_tasks.nodes import NodeInfo, known_nodes, live_nodes
 from hoster_tasks.observability import state
 from hoster_tasks.settings import Endpoint, Settings
@@ -67,8 +67,8 @@ def _collect(client: redis.Redis, now: float, endpoints: Sequence[Endpoint] = ()
                         "last_snapshot": snap.get("last_snapshot"),
                         "last_snapshot_time": snap.get("last_snapshot_time"),
                         "replication": by_dataset.get(vm.dataset, {})})
-        for task_id, raw in _hash(client, keys.running_jobs(node.name)).items():
-            running.append({"node": node.name, "task_id": task_id, **json.loads(raw)})
+        # only jobs whose lease is alive: one lost with its worker is not "running" (jobs.py re-queues it)
+        running += [{"node": node.name, **job} for job in running_jobs(client, node.name)]
     nodes = [{"node": n, "up": n in live, "last_seen": live[n].last_seen if n in live else None}
              for n in known_nodes(client)]
     locks = held_locks(client, lock_keys(live.values(), endpoints))

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import inspect
-import json
-import time
 from functools import cached_property
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, signals
 
 from hoster_tasks import keys
-from hoster_tasks.errors import UnknownVM
+from hoster_tasks.errors import ReadOnlyCopy, UnknownVM
+from hoster_tasks.jobs import JobLease, Rerun
 from hoster_tasks.names import validate_vm
 from hoster_tasks.nodes import VmInfo, inventory
+from hoster_tasks.observability.crons import fanout_headers, fanout_of, job_finished
 from hoster_tasks.requests import TaskRequest
 from hoster_tasks.settings import Settings, get_settings
 from hoster_tasks.zfs.probe import Capabilities, probe
@@ -79,13 +79,57 @@ class NodeTask(PublicTask):
                 return info
         raise UnknownVM(f"unknown VM {vm!r} on node {self.settings.node_name}")
 
+    def own_vm(self, vm: str) -> VmInfo:
+        """A VM this node owns: every task that changes a dataset refuses a backup copy (read-only here)."""
+        info = self.find_vm(vm)
+        self.check_owned(info)
+        return info
+
+    def check_owned(self, info: VmInfo) -> None:
+        if info.parent != self.settings.node_name:
+            raise ReadOnlyCopy(f"{info.dataset} on {self.settings.node_name} is a backup copy of node "
+                               f"{info.parent!r}'s VM {info.name}: it is read-only here")
+
+    def owned_dataset(self, dataset: str) -> VmInfo:
+        for info in inventory(self.shell, self.settings):
+            if info.dataset == dataset:
+                self.check_owned(info)
+                return info
+        raise UnknownVM(f"{dataset!r} is not a VM dataset on node {self.settings.node_name}")
+
+    def rerun(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Rerun:
+        """The request that re-runs this job if its worker dies (see jobs.py): by default, itself."""
+        return Rerun(self.name, list(args), dict(kwargs), keys.node_queue(self.settings.node_name),
+                     self.request.id, self.rerun_headers())
+
+    def rerun_headers(self) -> dict[str, str]:
+        """What a re-run must carry on: the beat fan-out it reports to (its Crons check-in)."""
+        return fanout_headers(fanout_of(self.request))
+
     def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        entry = {"name": self.name, "args": list(args), "kwargs": kwargs, "started": time.time()}
-        self.redis.hset(keys.running_jobs(self.settings.node_name), task_id, json.dumps(entry, default=str))
+        try:  # Celery calls this before __call__: invalid input must not reach Redis either
+            self.validate_request(args, kwargs)
+        except Exception:  # noqa: BLE001 - __call__ raises the same error as the task's result
+            return
+        lease = JobLease(self.redis, self.settings.node_name, task_id, self.name, list(args),
+                         self.rerun(args, kwargs), self.settings.lock_lease_seconds)
+        lease.start()
+        _leases[task_id] = lease
 
     def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        self.redis.hdel(keys.running_jobs(self.settings.node_name), task_id)
+        job_finished(self, status, retval)  # first: a failing metrics write must not leave a check-in open
         if self.settings.metrics_textfile is not None:
             from hoster_tasks.observability.metrics import collect_metrics, write_textfile
 
             write_textfile(self.settings.metrics_textfile, collect_metrics(self.settings))
+
+
+_leases: dict[str, JobLease] = {}  # task id -> the lease of the job running in this process
+
+
+@signals.task_postrun.connect
+def _end_lease(task_id: str | None = None, **_: Any) -> None:
+    """Every way a job ends (success, failure, retry, ignore, replace): after_return misses the last three."""
+    lease = _leases.pop(task_id or "", None)
+    if lease is not None:
+        lease.stop()
