@@ -42,7 +42,8 @@ def build_beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": "hoster.replication.fanout",
             "schedule": _crontab(rep.cron),
             "args": [rep.endpoint],
-            "kwargs": {"speed_limit": rep.speed_limit, "script_name": rep.script_name or name},
+            # no script name: the job writes ERROR_to_<endpoint name>, as the seed's scripts name theirs
+            "kwargs": {"speed_limit": rep.speed_limit, "script_name": rep.script_name},
             "options": {"queue": keys.CONTROL_QUEUE},
         }
     return schedule

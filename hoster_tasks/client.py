@@ -21,7 +21,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from hoster_tasks import keys
-from hoster_tasks.errors import NoLiveNode, UnknownVM
+from hoster_tasks.errors import NoLiveNode, ReadOnlyCopy, UnknownVM
 from hoster_tasks.names import validate_node_name
 from hoster_tasks.nodes import NodeInfo, live_nodes, locate_vm
 from hoster_tasks.requests import (
@@ -84,11 +84,8 @@ class Client:
 
     def destroy(self, snapshot: str) -> AsyncResult:
         req = DestroyRequest.of(snapshot=snapshot)
-        dataset = req.snapshot.split("@")[0]
-        for node in self.nodes():
-            if any(v.dataset == dataset for v in node.vms):
-                return self._send(DESTROY, node.name, req.snapshot)
-        raise UnknownVM(f"no live node holds dataset {dataset!r}")
+        owner = owner_of_dataset(self.nodes(), req.snapshot.split("@")[0])
+        return self._send(DESTROY, owner.name, req.snapshot)
 
     def replicate(self, vm: str, endpoint: str, speed_limit: float | None = None) -> AsyncResult:
         req = ReplicateRequest.of(vm=vm, endpoint=endpoint, speed_limit=speed_limit)
@@ -116,3 +113,16 @@ class Client:
                           script_name=req.script_name)
             for n in names
         }
+
+
+def owner_of_dataset(nodes: list[NodeInfo], dataset: str) -> NodeInfo:
+    """The live node that owns `dataset`: a node holding only a backup copy of it never gets a change."""
+    holders = [(n, v) for n in nodes for v in n.vms if v.dataset == dataset]
+    for node, vm in holders:
+        if vm.parent == node.name:
+            return node
+    if holders:
+        node, vm = holders[0]
+        raise ReadOnlyCopy(f"{dataset} on {node.name} is a backup copy of node {vm.parent!r}'s VM {vm.name}: "
+                           "it is read-only there")
+    raise UnknownVM(f"no live node holds dataset {dataset!r}")

@@ -19,7 +19,7 @@ import re
 import reprlib
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 from pydantic_core import ErrorDetails
@@ -30,6 +30,7 @@ from hoster_tasks.names import (
     validate_dataset,
     validate_node_name,
     validate_snapshot,
+    validate_snapshot_name,
     validate_stype,
     validate_vm,
 )
@@ -308,8 +309,76 @@ class ReplicationFanoutRequest(TaskRequest):
     script_name: ScriptName | None = None
 
 
+# --- the links of a replicate chain (sent by `replicate`, but anyone on the broker can send them too) --------
+
+# A chain id, a lock handoff value (<chain>:handoff:<hex>) or a task id: no shell syntax, bounded.
+Token = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")]
+ShortSnapshot = Annotated[str, StringConstraints(max_length=200), AfterValidator(validate_snapshot_name)]
+Count = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Handoff(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    source: Token | None = None
+    target: Token | None = None
+
+
+class LinkProgress(BaseModel):
+    """What one link hands the next (replication/lifecycle.py `new_progress`)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    dataset: DatasetName | None = None
+    target: DatasetName | None = None
+    target_host: ScriptName | None = None
+    action: Literal["nothing", "full", "incremental"] = "nothing"
+    sent: Annotated[list[ShortSnapshot], Field(max_length=MAX_ITEMS)] = []
+    bytes: Count = 0
+    seconds: Seconds = 0.0
+    complete: bool = False
+    speed_limit: SpeedLimit | None = None
+    handoff: Handoff | None = None
+
+
+class StepRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.replication.step"
+
+    prev: LinkProgress | None
+    dataset: DatasetName
+    endpoint: EndpointRef
+    speed_limit: SpeedLimit | None
+    chain: Token
+    report_to: Token | None = None
+
+    def check_settings(self, settings: Settings) -> None:
+        _configured_endpoint(self, self.endpoint, settings)
+
+
+class FinishRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.replication.finish"
+
+    acc: LinkProgress
+    dataset: DatasetName
+    endpoint: EndpointRef
+    chain: Token
+    report_to: Token | None = None
+
+    def check_settings(self, settings: Settings) -> None:
+        _configured_endpoint(self, self.endpoint, settings)
+
+
+class ChainFailedRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.replication.chain_failed"
+
+    task_id: Token
+    dataset: DatasetName
+    endpoint: EndpointRef
+
+
 PUBLIC_REQUESTS: dict[str, type[TaskRequest]] = {
     m.task_name: m
     for m in (TakeRequest, TakeAllRequest, ListRequest, DestroyRequest, SnapshotFanoutRequest, ReplicateRequest,
-              ReplicateAllRequest, ReplicationFanoutRequest)
+              ReplicateAllRequest, ReplicationFanoutRequest, StepRequest, FinishRequest, ChainFailedRequest)
 }

@@ -1,8 +1,12 @@
-"""Taking, listing, pruning and destroying snapshots on this node (the logic behind hoster.snapshot.*)."""
+"""Taking, listing, pruning and destroying snapshots on this node (the logic behind hoster.snapshot.*).
+
+Taking a snapshot needs no lock: ZFS snapshots a dataset that is being sent safely, and a snapshot the
+schedule should have taken must never be skipped because a replication runs for hours. Destroying does
+need the dataset's lock (a send may be reading the snapshot): pruning a dataset that is replicating is
+deferred, and the replication runs it when it has recorded its base (`run_deferred_prunes`)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -12,7 +16,7 @@ from typing import Any
 import redis
 
 from hoster_tasks import keys
-from hoster_tasks.errors import Busy, DatasetBusy, InvalidName, Permanent, SnapshotHeld
+from hoster_tasks.errors import Busy, DatasetBusy, InvalidName, Permanent, SnapshotExists, SnapshotHeld
 from hoster_tasks.locks import DatasetLock, LockSpec
 from hoster_tasks.names import make_snapshot_name, validate_snapshot, validate_stype
 from hoster_tasks.policy.retention import check_keep, plan_retention
@@ -34,14 +38,14 @@ class NodeContext:
     def zfs(self) -> str:
         return self.settings.zfs_command
 
-    def lock(self, dataset: str, wait: float | None = None, token: str | None = None) -> DatasetLock:
+    def lock(self, dataset: str, wait: float | None = None) -> DatasetLock:
         spec = LockSpec(
             self.settings.node_name,
             dataset,
             lease=self.settings.lock_lease_seconds,
             wait=self.settings.lock_attempt_seconds if wait is None else wait,
         )
-        return DatasetLock(self.redis, spec, token=token) if token else DatasetLock(self.redis, spec)
+        return DatasetLock(self.redis, spec)
 
 
 def replication_bases(ctx: NodeContext, datasets: Sequence[str]) -> dict[str, frozenset[int]]:
@@ -56,28 +60,34 @@ def replication_bases(ctx: NodeContext, datasets: Sequence[str]) -> dict[str, fr
     }
 
 
-def _lock_all(ctx: NodeContext, stack: ExitStack, datasets: Sequence[str]) -> list[str]:
-    """Lock datasets in sorted order within one short shared wait (one attempt); return the busy ones."""
-    deadline = time.monotonic() + ctx.settings.lock_attempt_seconds
-    busy = []
+PRUNE_LOCK_WAIT = 0.2  # pruning does not wait for a replication: it is deferred to the replication's end
+NAME_ATTEMPTS = 5  # same-second snapshots of concurrent jobs: the next free name is tried
+
+
+def _lock_free(ctx: NodeContext, stack: ExitStack, datasets: Sequence[str]) -> dict[str, DatasetLock]:
+    """Lock whichever of the datasets are free right now (sorted order); the busy ones are left out."""
+    locks = {}
     for ds in sorted(datasets):
         try:
-            stack.enter_context(ctx.lock(ds, wait=max(deadline - time.monotonic(), 0.1)))
+            locks[ds] = stack.enter_context(ctx.lock(ds, wait=PRUNE_LOCK_WAIT))
         except Busy:
-            busy.append(ds)
-    return busy
+            continue
+    return locks
 
 
 def prune(
-    ctx: NodeContext, snaps: dict[str, list[Snapshot]], stype: str, keep: int, bases: dict[str, frozenset[int]]
+    ctx: NodeContext, snaps: dict[str, list[Snapshot]], stype: str, keep: int, bases: dict[str, frozenset[int]],
+    locks: dict[str, DatasetLock],
 ) -> tuple[list[str], list[str]]:
-    """Destroy the excess of `stype` per dataset; held/cloned ones that zfs refuses are spared, not fatal."""
+    """Destroy the excess of `stype` per dataset, each destroy under that dataset's lock (checked first);
+    held/cloned ones that zfs refuses are spared, not fatal."""
     destroyed: list[str] = []
     spared: list[str] = []
     for ds, dataset_snaps in snaps.items():
         plan = plan_retention(dataset_snaps, stype, keep, bases.get(ds, frozenset()))
         spared += [f"{s.full} ({why})" for s, why in plan.spared]
         for snap in plan.destroy:
+            locks[ds].check()
             try:
                 ops.destroy_snapshot(ctx.shell, snap.full, ctx.zfs)
                 destroyed.append(snap.full)
@@ -86,41 +96,79 @@ def prune(
     return destroyed, spared
 
 
+def _snapshot_now(ctx: NodeContext, datasets: Sequence[str], stype: str, now: datetime) -> list[str]:
+    existing = {s.name for snaps in ops.list_snapshots(ctx.shell, datasets, ctx.caps, ctx.zfs).values()
+                for s in snaps}
+    for attempt in range(NAME_ATTEMPTS):
+        short = make_snapshot_name(stype, now, existing)
+        try:
+            return ops.take_snapshots(ctx.shell, datasets, short, ctx.caps, ctx.zfs)
+        except SnapshotExists:  # another job took this name in the same second
+            if attempt == NAME_ATTEMPTS - 1:
+                raise
+            existing.add(short)
+    return []
+
+
 def take(
     ctx: NodeContext, datasets: Sequence[str], stype: str, keep: int | None, now: datetime
 ) -> dict[str, Any]:
-    """Snapshot the datasets (atomically where the host can) and apply retention for `stype`."""
+    """Snapshot the datasets at once (atomically where the host can), then apply retention for `stype`
+    where the dataset is free; a replicating dataset's pruning is deferred (reported in `deferred`)."""
     validate_stype(stype)
     if keep is not None:
         check_keep(keep)
-    with ExitStack() as stack:
-        busy = _lock_all(ctx, stack, datasets)
-        locked = [ds for ds in datasets if ds not in busy]
-        taken: list[str] = []
-        destroyed: list[str] = []
-        spared: list[str] = []
-        if locked:
-            before = ops.list_snapshots(ctx.shell, locked, ctx.caps, ctx.zfs)
-            existing = {s.name for snaps in before.values() for s in snaps}
-            short = make_snapshot_name(stype, now, existing)
-            taken = ops.take_snapshots(ctx.shell, locked, short, ctx.caps, ctx.zfs)
-            record_snapshots(ctx, taken, now)
-            if keep is not None:
-                after = ops.list_snapshots(ctx.shell, locked, ctx.caps, ctx.zfs)
-                destroyed, spared = prune(ctx, after, stype, keep, replication_bases(ctx, locked))
-    if busy:
-        raise Busy(f"busy: another job holds the lock of {', '.join(busy)}", busy, taken)
-    return {"taken": taken, "destroyed": destroyed, "spared": spared}
+    taken = _snapshot_now(ctx, datasets, stype, now) if datasets else []
+    record_snapshots(ctx, taken, now)
+    destroyed: list[str] = []
+    spared: list[str] = []
+    deferred: list[str] = []
+    if keep is not None and datasets:
+        with ExitStack() as stack:
+            locks = _lock_free(ctx, stack, datasets)
+            deferred = [ds for ds in datasets if ds not in locks]
+            defer_prune(ctx, deferred, stype, keep)
+            if locks:
+                free = sorted(locks)
+                after = ops.list_snapshots(ctx.shell, free, ctx.caps, ctx.zfs)
+                destroyed, spared = prune(ctx, after, stype, keep, replication_bases(ctx, free), locks)
+    return {"taken": taken, "destroyed": destroyed, "spared": spared, "deferred": deferred}
+
+
+def defer_prune(ctx: NodeContext, datasets: Sequence[str], stype: str, keep: int) -> None:
+    pipe = ctx.redis.pipeline()
+    for ds in datasets:
+        key = keys.deferred_prunes(ctx.settings.node_name, ds)
+        pipe.hset(key, stype, str(keep))
+        pipe.expire(key, keys.DEFERRED_PRUNE_TTL_SECONDS)
+    pipe.execute()
+
+
+def run_deferred_prunes(ctx: NodeContext, dataset: str, lock: DatasetLock) -> dict[str, list[str]]:
+    """Retention that snapshot jobs deferred while `dataset` was replicating; run under its lock, after the
+    replication recorded its base (so the base is never among what is pruned)."""
+    key = keys.deferred_prunes(ctx.settings.node_name, dataset)
+    pending = {k.decode(): int(v) for k, v in ctx.redis.hgetall(key).items()}  # type: ignore[union-attr]
+    destroyed: list[str] = []
+    spared: list[str] = []
+    for stype, keep in sorted(pending.items()):
+        snaps = ops.list_snapshots(ctx.shell, [dataset], ctx.caps, ctx.zfs)
+        d, s = prune(ctx, snaps, stype, keep, replication_bases(ctx, [dataset]), {dataset: lock})
+        destroyed += d
+        spared += s
+        ctx.redis.hdel(key, stype)
+    return {"destroyed": destroyed, "spared": spared}
 
 
 def record_snapshots(ctx: NodeContext, taken: Sequence[str], now: datetime) -> None:
+    """Each dataset's last snapshot, for `status` and metrics (with its TTL and index: observability.state)."""
+    from hoster_tasks.observability import state
+
     pipe = ctx.redis.pipeline()
     for full in taken:
         ds, _ = full.split("@")
-        pipe.hset(
-            keys.dataset_state(ctx.settings.node_name, ds),
-            mapping={"last_snapshot": full, "last_snapshot_time": str(now.timestamp())},
-        )
+        fields = {"last_snapshot": full, "last_snapshot_time": str(now.timestamp())}
+        state.record_dataset(pipe, ctx.settings.node_name, ds, fields, now.timestamp())
     pipe.execute()
 
 
@@ -136,16 +184,18 @@ def describe(snaps: dict[str, list[Snapshot]], vm_of_dataset: dict[str, str]) ->
 
 
 def destroy_one(ctx: NodeContext, full: str, datasets: Sequence[str]) -> dict[str, Any]:
-    """Destroy one snapshot the user named; never a replication base (that would force a full resend)."""
+    """Destroy one snapshot the user named; never a replication base (that would force a full resend).
+    `datasets`: the VM datasets this node owns (a backup copy is read-only)."""
     ds, _ = validate_snapshot(full)
     if ds not in datasets:
-        raise InvalidName(f"{full}: not a snapshot of a VM dataset on this node")
-    with ctx.lock(ds):
+        raise InvalidName(f"{full}: not a snapshot of a VM this node owns")
+    with ctx.lock(ds) as lock:
         snaps = ops.list_snapshots(ctx.shell, [ds], ctx.caps, ctx.zfs)[ds]
         match = [s for s in snaps if s.full == full]
         if not match:
             return {"destroyed": None, "note": f"{full} does not exist (already destroyed?)"}
         if match[0].guid in replication_bases(ctx, [ds])[ds]:
             raise Permanent(f"{full} is the replication base with a target: destroying it would force a full resend")
+        lock.check()
         ops.destroy_snapshot(ctx.shell, full, ctx.zfs)
     return {"destroyed": full}

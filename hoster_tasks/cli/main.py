@@ -117,6 +117,7 @@ def _summary(result: dict[str, Any]) -> str:
     lines = [f"taken: {s}" for s in result.get("taken", [])]
     lines += [f"destroyed: {s}" for s in result.get("destroyed", [])]
     lines += [f"kept (protected): {s}" for s in result.get("spared", [])]
+    lines += [f"pruning deferred until its replication ends: {s}" for s in result.get("deferred", [])]
     return "\n".join(lines) or "nothing to do"
 
 

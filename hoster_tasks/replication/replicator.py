@@ -14,10 +14,18 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
-from hoster_tasks import keys
-from hoster_tasks.errors import Diverged, Permanent, SnapshotExists, SnapshotHeld, ZfsError, zfs_error
+from hoster_tasks.errors import (
+    Diverged,
+    EncryptedSendRefused,
+    Permanent,
+    SnapshotExists,
+    SnapshotHeld,
+    ZfsError,
+    zfs_error,
+)
 from hoster_tasks.locks import DatasetLock, LockSpec
 from hoster_tasks.names import parse_snapshot_name
+from hoster_tasks.observability import state
 from hoster_tasks.policy.planner import Action, Plan, Step, StepKind, plan_replication, target_prune
 from hoster_tasks.policy.retention import plan_retention
 from hoster_tasks.replication.pipeline import PipelineResult, Stage, run_pipeline
@@ -61,15 +69,21 @@ class Replicator:
         self.cancel = threading.Event()
         self._caps_cache = caps_cache
         self.active_locks: list[DatasetLock] = []  # the locks of the dataset being worked on (see locks())
+        self.spared_on_target: list[str] = []  # held or busy snapshots the last target prune left alone
 
     @cached_property
     def target_caps(self) -> Capabilities:
-        """Probed on first use; with a cache (a worker's), once per endpoint: a host's ZFS does not change."""
-        if self._caps_cache is None:
-            return probe(self.target_shell, self.ctx.zfs)
-        if self.endpoint.name not in self._caps_cache:
-            self._caps_cache[self.endpoint.name] = probe(self.target_shell, self.ctx.zfs)
-        return self._caps_cache[self.endpoint.name]
+        """Probed on first use; with a cache (a worker's), once per endpoint: a host's ZFS does not change.
+
+        A failed probe raises (ConnectionLost, ProbeFailed) and is cached nowhere, so the next use probes
+        again: "nothing supported" is never assumed for a host that did not answer."""
+        cache = self._caps_cache
+        if cache is not None and self.endpoint.name in cache:
+            return cache[self.endpoint.name]
+        caps = probe(self.target_shell, self.ctx.zfs)
+        if cache is not None:
+            cache[self.endpoint.name] = caps
+        return caps
 
     @property
     def tag(self) -> str:
@@ -79,22 +93,23 @@ class Replicator:
         self.target_shell.close()
 
     # -- locks ---------------------------------------------------------------------------------------
-    def locks(self, dataset: str, token: str | None = None) -> tuple[DatasetLock, DatasetLock]:
-        """Source and target dataset locks; either one lost stops the transfer."""
+    def locks(self, dataset: str, chain: str | None = None) -> tuple[DatasetLock, DatasetLock]:
+        """Source and target dataset locks; either one lost stops this dataset's transfer (and only this
+        dataset's: each dataset gets its own cancel event)."""
         s = self.ctx.settings
+        self.cancel = threading.Event()
         # a short wait per attempt: a busy dataset fails this attempt as Busy, retried with backoff
-        src = DatasetLock(self.ctx.redis, LockSpec(s.node_name, dataset, s.lock_lease_seconds, s.lock_attempt_seconds))
-        tgt = DatasetLock(
-            self.ctx.redis,
-            LockSpec(self.endpoint.name, self.endpoint.target_dataset(dataset), s.lock_lease_seconds,
-                     s.lock_attempt_seconds),
-        )
-        for lock in (src, tgt):
-            if token:
-                lock.token = token
-            lock.on_lost = self.cancel.set
+        specs = (LockSpec(s.node_name, dataset, s.lock_lease_seconds, s.lock_attempt_seconds),
+                 LockSpec(self.endpoint.name, self.endpoint.target_dataset(dataset), s.lock_lease_seconds,
+                          s.lock_attempt_seconds))
+        src, tgt = (DatasetLock(self.ctx.redis, spec, chain=chain, on_lost=self.cancel.set) for spec in specs)
         self.active_locks = [src, tgt]
         return src, tgt
+
+    def guard(self) -> None:
+        """Called before every destructive command: both locks are still ours (value and fence)."""
+        for lock in self.active_locks:
+            lock.check()
 
     # -- listing -------------------------------------------------------------------------------------
     def list_sides(self, datasets: Sequence[str]) -> Sides:
@@ -148,6 +163,7 @@ class Replicator:
     def prepare(self, dataset: str) -> tuple[Sides, Plan, int]:
         """Under the locks: list both sides, check the copy is ours to write, finish an interrupted receive
         (or abort it), then plan from a fresh listing. Returns the bytes resumed."""
+        self.check_receive_idle(dataset)
         sides = self.list_sides([dataset])
         self.check_owner(dataset, sides)  # before resume: a foreign copy's partial receive is not ours either
         had_token = self._token(dataset, sides) is not None
@@ -155,6 +171,19 @@ class Replicator:
         if had_token:  # resumed or aborted: either way the target changed
             sides = self.list_sides([dataset])
         return sides, self.plan(dataset, sides), resumed.bytes if resumed else 0
+
+    def check_receive_idle(self, dataset: str) -> None:
+        """Busy (retried later), never diverged, while a `zfs receive` into the target runs there: a transfer
+        that outlived its worker's lease, or another tool's, whose half-received dataset would look diverged.
+        Syncoid checks the same before it starts."""
+        from hoster_tasks.errors import ReceiveInProgress
+        from hoster_tasks.replication.receiving import receive_in_progress
+
+        target = self.endpoint.target_dataset(dataset)
+        if receive_in_progress(self.target_shell.run(cmd.process_args()).stdout, target):
+            raise ReceiveInProgress(
+                f"target {self.endpoint.name}:{target} has a zfs receive in progress; retrying later", [dataset]
+            )
 
     # -- data path -----------------------------------------------------------------------------------
     def send_step(self, dataset: str, step: Step, sides: Sides) -> PipelineResult:
@@ -176,6 +205,7 @@ class Replicator:
         try:
             return self._transfer(dataset, send_argv, cmd.receive(target, True, self.ctx.zfs), None)
         except ZfsError:
+            self.guard()
             self.target_shell.run(cmd.receive_abort(target, self.ctx.zfs))
             return None
 
@@ -184,6 +214,8 @@ class Replicator:
         return token if self._resumable() and token not in ("-", "") else None
 
     def _transfer(self, dataset: str, send_argv: list[str], recv_argv: list[str], total: int | None) -> PipelineResult:
+        from hoster_tasks.replication.watchdog import LeaseWatch
+
         def report(n: int) -> None:
             if self.progress is not None:
                 self.progress({"dataset": dataset, "target": self.endpoint.name, "bytes": n, "total": total})
@@ -194,6 +226,8 @@ class Replicator:
             speed_limit_mb=self.speed_limit,
             progress=report,
             cancel=self.cancel,
+            # the stages die once the locks are gone, even while this worker is frozen and cannot stop them
+            lease=LeaseWatch.of(self.ctx.settings.redis_url, self.active_locks),
         )
         if self.progress is not None:  # the final count, which a throttled report may have skipped
             self.progress({"dataset": dataset, "target": self.endpoint.name, "bytes": result.bytes,
@@ -201,8 +235,27 @@ class Replicator:
         return result
 
     def _raw(self, dataset: str, sides: Sides) -> bool:
-        enc = sides.source_props.get(dataset, {}).get("encryption", "off")
-        return self.ctx.caps.raw_send and self.target_caps.raw_send and enc not in ("off", "-", "")
+        """True: send raw (`-w`), the dataset stays encrypted on the target. An encrypted dataset that cannot
+        go raw (either side lacks `send -w`) is refused, unless the endpoint allows a decrypted copy."""
+        if not self.ctx.caps.encryption:
+            return False  # a ZFS without native encryption (zfs-fuse) has no encrypted dataset
+        enc = sides.source_props.get(dataset, {}).get("encryption")
+        if enc is None:  # the listing reads it only where the source has raw send
+            found = ops.get_properties(self.ctx.shell, [dataset], ("encryption",), zfs=self.ctx.zfs)
+            enc = found.get(dataset, {}).get("encryption", "off")
+        if enc in ("off", "-", ""):
+            return False
+        missing = [side for side, caps in (("this node", self.ctx.caps), (self.endpoint.name, self.target_caps))
+                   if not caps.raw_send]
+        if not missing:
+            return True
+        if self.endpoint.send_decrypted:
+            return False
+        raise EncryptedSendRefused(
+            f"{self.ctx.settings.node_name}:{dataset} is encrypted ({enc}) and the ZFS on {' and '.join(missing)} "
+            f"has no raw send (zfs send -w): refusing to send it decrypted to {self.endpoint.name}. Nothing was "
+            f"sent. Set send_decrypted = true on endpoint {self.endpoint.name!r} to allow a plaintext copy."
+        )
 
     def _resumable(self) -> bool:
         return self.ctx.caps.resumable and self.target_caps.resumable
@@ -218,30 +271,48 @@ class Replicator:
         return max(step.snapshot.referenced - step.base.referenced, 0) + step.snapshot.used or None
 
     # -- after a successful transfer -------------------------------------------------------------------
-    def finish(self, dataset: str, before: Sides, after: Sides) -> dict[str, Any]:
-        """Record and protect the new base, mark the copy's parent, then prune the target.
+    def protect_base(self, dataset: str, base: Snapshot, sides: Sides) -> Sides:
+        """Record `base` as the newest common snapshot, hold it on both sides and mark the copy as ours.
 
-        `after` is a listing made after the transfer (or `before` itself when nothing was sent): when
-        nothing changed, nothing is written.
+        Runs after every send step, before the step returns: a run that stops after its first link never
+        leaves the snapshot it sent prunable (retention reads the recorded base). Returns `sides` as they
+        are now; writes nothing when all of it is already so.
         """
         target = self.endpoint.target_dataset(dataset)
+        prop = ops.base_property(self.endpoint.name)
+        old_guid = sides.source_props.get(dataset, {}).get(prop, "-")
+        moved = old_guid != str(base.guid)
+        released: set[int] = set()
+        if moved:
+            self.guard()
+            ops.set_property(self.ctx.shell, dataset, prop, str(base.guid), self.ctx.zfs)
+        if moved or self.base_unheld(dataset, sides):
+            released = self._move_holds(dataset, base, old_guid, sides)
+        marked = self._mark_copy(target, sides)
+        src_props = {**sides.source_props, dataset: {**sides.source_props.get(dataset, {}), prop: str(base.guid)}}
+        tgt_props = {**sides.target_props, target: {**sides.target_props.get(target, {}), **marked}}
+        return _without_holds(replace(sides, source_props=src_props, target_props=tgt_props), target, released)
+
+    def _mark_copy(self, target: str, sides: Sides) -> dict[str, str]:
+        """First run: mark the copy as a backup of this node, and read-only (see commands.set_readonly)."""
+        if sides.target_props.get(target, {}).get(ops.PARENT_PROPERTY, "-") not in ("-", ""):
+            return {}
+        self.guard()
+        ops.set_property(self.target_shell, target, ops.PARENT_PROPERTY, self.ctx.settings.node_name, self.ctx.zfs)
+        self.target_shell.run(cmd.set_readonly(target, self.ctx.zfs))
+        return {ops.PARENT_PROPERTY: self.ctx.settings.node_name}
+
+    def finish(self, dataset: str, after: Sides) -> dict[str, Any]:
+        """Protect the newest common base (already done by each step; this covers a run that sent
+        nothing), then prune the target. `after` is a listing made after the last transfer."""
+        target = self.endpoint.target_dataset(dataset)
         base = self._base_after(dataset, after)
-        old_guid = before.source_props.get(dataset, {}).get(ops.base_property(self.endpoint.name), "-")
-        if old_guid != str(base.guid):  # recorded before anything is pruned: retention reads it
-            ops.set_property(
-                self.ctx.shell, dataset, ops.base_property(self.endpoint.name), str(base.guid), self.ctx.zfs
-            )
-        if old_guid != str(base.guid) or self.base_unheld(dataset, after):
-            released = self._move_holds(dataset, base, old_guid, after)
-            after = _without_holds(after, target, released)  # the old base is prunable in this same run
-        if after.target_props.get(target, {}).get(ops.PARENT_PROPERTY, "-") in ("-", ""):
-            # first run: mark the copy as a backup of this node, and read-only (see commands.set_readonly)
-            ops.set_property(self.target_shell, target, ops.PARENT_PROPERTY, self.ctx.settings.node_name,
-                             self.ctx.zfs)
-            self.target_shell.run(cmd.set_readonly(target, self.ctx.zfs))
+        after = self.protect_base(dataset, base, after)
+        self.guard()
         pruned = self._prune_target(dataset, base, after)
         newest_target = max((s.creation for s in after.target[target] or []), default=0)
-        return {"base": base.full, "pruned_on_target": pruned, "target_newest_creation": newest_target}
+        return {"base": base.full, "pruned_on_target": pruned, "spared_on_target": self.spared_on_target,
+                "target_newest_creation": newest_target}
 
     def base_unheld(self, dataset: str, sides: Sides) -> bool:
         """True where holds exist but the recorded base lacks ours on either side (a run that died midway)."""
@@ -259,25 +330,27 @@ class Replicator:
             raise Diverged(f"after the transfer {dataset} has no snapshot in common with {self.endpoint.name}")
         return common[-1]
 
-    def _move_holds(self, dataset: str, base: Snapshot, old_guid: str, after: Sides) -> set[int]:
-        """Hold the new base on both sides, release the old one; returns the GUIDs released."""
+    def _move_holds(self, dataset: str, base: Snapshot, old_guid: str, sides: Sides) -> set[int]:
+        """Hold the new base on both sides, release the old one; returns the GUIDs released.
+
+        Names come from the source listing (the target's may predate the transfer): a snapshot received
+        into the target keeps its short name."""
         if not (self.ctx.caps.holds and self.target_caps.holds):
             return set()
         target = self.endpoint.target_dataset(dataset)
-        t_base = next(s for s in after.target[target] or [] if s.guid == base.guid)
-        for shell, snap in ((self.ctx.shell, base), (self.target_shell, t_base)):
+        self.guard()
+        for shell, full in ((self.ctx.shell, base.full), (self.target_shell, f"{target}@{base.name}")):
             try:
-                shell.run(cmd.hold(self.tag, snap.full, self.ctx.zfs))
+                shell.run(cmd.hold(self.tag, full, self.ctx.zfs))
             except (SnapshotExists, SnapshotHeld):
                 pass  # already held by us: holds are idempotent here
         if not old_guid.isdigit() or int(old_guid) == base.guid:
             return set()
-        old = int(old_guid)
-        for shell, snaps in ((self.ctx.shell, after.source[dataset]), (self.target_shell, after.target[target])):
-            for snap in snaps or []:
-                if snap.guid == old:
-                    shell.run(cmd.release(self.tag, snap.full, self.ctx.zfs), check=False)
-        return {old}
+        old = next((s for s in sides.source[dataset] if s.guid == int(old_guid)), None)
+        if old is not None:
+            for shell, full in ((self.ctx.shell, old.full), (self.target_shell, f"{target}@{old.name}")):
+                shell.run(cmd.release(self.tag, full, self.ctx.zfs), check=False)
+        return {int(old_guid)}
 
     def _prune_target(self, dataset: str, base: Snapshot, after: Sides) -> list[str]:
         target = self.endpoint.target_dataset(dataset)
@@ -291,27 +364,31 @@ class Replicator:
                        if (n := parse_snapshot_name(s.name)) is not None and n.stype not in kept_types]
         else:
             doomed = target_prune(after.source[dataset], tsnaps, base.guid)
-        pruned = []
-        for snap in sorted(doomed, key=lambda s: s.createtxg):
-            if snap.guid == base.guid:
-                continue
-            self.target_shell.run(cmd.destroy_snapshot(snap.full, self.ctx.zfs))
-            pruned.append(snap.full)
+        fulls = list(dict.fromkeys(s.full for s in sorted(doomed, key=lambda s: s.createtxg) if s.guid != base.guid))
+        # batched where the target takes lists; a held or busy snapshot is spared (reported), not fatal
+        pruned, self.spared_on_target = ops.destroy_snapshots(
+            self.target_shell, fulls, self.target_caps, self.ctx.zfs, check=self.guard
+        )
         return pruned
 
     # -- bookkeeping -----------------------------------------------------------------------------------
     def record_success(self, dataset: str, sent_bytes: int, seconds: float, newest_creation: int) -> None:
-        key = keys.replication_state(self.ctx.settings.node_name, dataset, self.endpoint.name)
-        self.ctx.redis.hset(key, mapping={
-            "last_success": str(time.time()), "bytes": str(sent_bytes), "duration": f"{seconds:.3f}",
+        """State for `status` and metrics, with its TTL and index (observability.state), in one MULTI."""
+        now = time.time()
+        pipe = self.ctx.redis.pipeline()
+        state.record_replication(pipe, self.ctx.settings.node_name, dataset, self.endpoint.name, {
+            "last_success": str(now), "bytes": str(sent_bytes), "duration": f"{seconds:.3f}",
             "error": "0", "last_error": "", "target_newest_creation": str(newest_creation),
-        })
-        self.ctx.redis.hincrby(key, "bytes_total", sent_bytes)
+        }, {"bytes_total": sent_bytes}, now)
+        pipe.execute()
 
     def record_failure(self, dataset: str, error: str) -> None:
-        key = keys.replication_state(self.ctx.settings.node_name, dataset, self.endpoint.name)
-        self.ctx.redis.hset(key, mapping={"error": "1", "last_error": error[:2000], "last_failure": str(time.time())})
-        self.ctx.redis.hincrby(key, "failures", 1)
+        now = time.time()
+        pipe = self.ctx.redis.pipeline()
+        state.record_replication(pipe, self.ctx.settings.node_name, dataset, self.endpoint.name,
+                                 {"error": "1", "last_error": error[:2000], "last_failure": str(now)},
+                                 {"failures": 1}, now)
+        pipe.execute()
 
 
 def _without_holds(sides: Sides, target: str, released: set[int]) -> Sides:

@@ -2,7 +2,9 @@
 
 Datasets already in sync cost nothing more than their share of that listing. A dataset with work is locked
 and listed again under its lock (the plan must be made under the lock), then sent full and/or incremental
-in the same run: no second run is needed as in Hoster.
+in the same run: no second run is needed as in Hoster. A failure of one dataset (a lost lease included)
+stops that dataset only; a failure of the listing itself (target unreachable, host key refused) fails
+every dataset of the run, so it reaches the ERROR_ file and the metrics like any other.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from hoster_tasks.errors import HosterTasksError, Transient
 from hoster_tasks.policy.planner import Action
+from hoster_tasks.replication.lifecycle import new_progress, replicate_one
 from hoster_tasks.replication.replicator import Replicator, Sides
 from hoster_tasks.zfs import ops
 
@@ -28,43 +31,29 @@ def _needs_work(rep: Replicator, dataset: str, sides: Sides) -> bool:
     return recorded != str(plan.common.guid) or rep.base_unheld(dataset, sides)
 
 
-def replicate_one(rep: Replicator, dataset: str) -> dict[str, Any]:
-    """Under both locks: plan, send every step, finish. Returns what was done."""
-    src_lock, tgt_lock = rep.locks(dataset)
-    with src_lock, tgt_lock:
-        before, plan, nbytes = rep.prepare(dataset)
-        sent: list[str] = []
-        seconds = 0.0
-        for step in plan.steps:
-            src_lock.check()
-            tgt_lock.check()
-            result = rep.send_step(dataset, step, before)
-            sent.append(step.snapshot.name)
-            nbytes += result.bytes
-            seconds += result.seconds
-        after = rep.list_sides([dataset]) if plan.steps else before
-        done = rep.finish(dataset, before, after)
-    rep.record_success(dataset, nbytes, seconds, done["target_newest_creation"])
-    return {"dataset": dataset, "target": rep.endpoint.target_dataset(dataset), "target_host": rep.endpoint.name,
-            "action": plan.action.value, "sent": sent, "bytes": nbytes, "seconds": seconds, **done}
+def _failed(outcome: dict[str, Any], rep: Replicator, dataset: str, exc: HosterTasksError) -> None:
+    rep.record_failure(dataset, str(exc))
+    outcome["failed"].append(f"{dataset}: {exc}")
+    outcome["failed_datasets"].append(dataset)
+    outcome["errors"][dataset] = str(exc)
+    outcome["transient"] |= isinstance(exc, Transient)
 
 
 def replicate_many(rep: Replicator, datasets: Sequence[str]) -> dict[str, Any]:
-    outcome: dict[str, Any] = {"results": [], "failed": [], "failed_datasets": [], "transient": False}
+    outcome: dict[str, Any] = {"results": [], "failed": [], "failed_datasets": [], "errors": {},
+                               "transient": False}
     if not datasets:
         return outcome
-    sides = rep.list_sides(datasets)
+    try:
+        sides = rep.list_sides(datasets)
+    except HosterTasksError as exc:
+        for ds in datasets:
+            _failed(outcome, rep, ds, exc)
+        return outcome
     for ds in datasets:
         try:
-            if _needs_work(rep, ds, sides):
-                outcome["results"].append(replicate_one(rep, ds))
-            else:
-                outcome["results"].append({"dataset": ds, "target": rep.endpoint.target_dataset(ds),
-                                           "target_host": rep.endpoint.name, "action": "nothing", "sent": [],
-                                           "bytes": 0})
+            outcome["results"].append(replicate_one(rep, ds) if _needs_work(rep, ds, sides)
+                                      else {**new_progress(rep, ds), "complete": True})
         except HosterTasksError as exc:
-            rep.record_failure(ds, str(exc))
-            outcome["failed"].append(f"{ds}: {exc}")
-            outcome["failed_datasets"].append(ds)
-            outcome["transient"] |= isinstance(exc, Transient)
+            _failed(outcome, rep, ds, exc)
     return outcome

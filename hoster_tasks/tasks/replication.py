@@ -8,25 +8,40 @@ target. The chain's links share one lock token, so the dataset stays locked from
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
 
 from celery import chain
+from celery.exceptions import Ignore
 
 from hoster_tasks import keys
 from hoster_tasks.celery_app import app
-from hoster_tasks.errors import HosterTasksError, NoLiveNode, Permanent, Transient
-from hoster_tasks.nodes import VmInfo, inventory, live_nodes
-from hoster_tasks.observability.errorfile import clear_error_file, write_error_file
+from hoster_tasks.errors import DuplicateDelivery, HosterTasksError, NoLiveNode, Permanent, Transient, UnknownVM
+from hoster_tasks.jobs import Rerun
+from hoster_tasks.locks import DatasetLock
+from hoster_tasks.names import vm_of
+from hoster_tasks.nodes import inventory, live_nodes
+from hoster_tasks.observability.errorfile import JOB_LINE, error_file, error_name, update_errors
 from hoster_tasks.observability.sentry import report_context
 from hoster_tasks.policy.planner import Action
+from hoster_tasks.replication.lifecycle import advance, complete, new_progress
 from hoster_tasks.replication.replicator import Replicator
-from hoster_tasks.requests import ReplicateAllRequest, ReplicateRequest, ReplicationFanoutRequest
+from hoster_tasks.requests import (
+    ChainFailedRequest,
+    FinishRequest,
+    ReplicateAllRequest,
+    ReplicateRequest,
+    ReplicationFanoutRequest,
+    StepRequest,
+)
 from hoster_tasks.settings import get_settings
 from hoster_tasks.snapshots import NodeContext
 from hoster_tasks.tasks.base import NodeTask, PublicTask
 from hoster_tasks.zfs.probe import Capabilities
+
+log = logging.getLogger(__name__)
 
 
 class ReplicationTask(NodeTask):
@@ -63,17 +78,32 @@ class ReplicationTask(NodeTask):
 
         return report
 
-    def source_vm(self, vm: str) -> VmInfo:
-        info = self.find_vm(vm)
-        if info.parent != self.settings.node_name:
-            raise Permanent(
-                f"{info.dataset} is a backup copy of node {info.parent!r}'s VM: not replicating it (back) from here"
-            )
-        return info
+    def will_retry(self, exc: BaseException) -> bool:
+        return isinstance(exc, Transient) and self.request.retries < self.max_retries
+
+    def duplicate(self, exc: DuplicateDelivery) -> Ignore:
+        """A second delivery of a link another delivery is running: run nothing, and end the chain here
+        (Ignore sends no next link; the running delivery sends it)."""
+        log.warning("%s[%s]: %s; this delivery runs nothing", self.name, self.request.id, exc)
+        return Ignore(str(exc))
 
 
-def _error_name(endpoint: str, script_name: str | None) -> str:
-    return script_name or f"to_{endpoint}"
+class LinkTask(ReplicationTask):
+    """A link of a replicate chain: if its worker dies, the whole request is re-run (replication converges)."""
+
+    abstract = True
+
+    def rerun(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Rerun:
+        params = dict(zip(("prev", "dataset", "endpoint", "speed_limit", "chain", "report_to"), args, strict=False))
+        if self.name == finish.name:
+            params = dict(zip(("prev", "dataset", "endpoint", "chain", "report_to"), args, strict=False))
+        params.update(kwargs)
+        prev = params.get("prev") or {}
+        vm = vm_of(str(params["dataset"]), self.settings.datasets) or str(params["dataset"])
+        speed = params.get("speed_limit", prev.get("speed_limit") if isinstance(prev, dict) else None)
+        return Rerun(replicate.name, [vm, params["endpoint"]], {"speed_limit": speed},
+                     keys.node_queue(self.settings.node_name), params.get("report_to") or self.request.id,
+                     self.rerun_headers())
 
 
 def _fail(task: ReplicationTask, rep: Replicator, dataset: str, exc: BaseException) -> None:
@@ -81,30 +111,30 @@ def _fail(task: ReplicationTask, rep: Replicator, dataset: str, exc: BaseExcepti
     endpoint = rep.endpoint.name
     report_context(dataset=dataset, node=task.settings.node_name, target=endpoint,
                    stderr=getattr(exc, "stderr", ""), argv=getattr(exc, "argv", None))
-    if isinstance(exc, Transient) and task.request.retries < task.max_retries:
+    if task.will_retry(exc):
         return  # will be retried: only a final failure is recorded
     rep.record_failure(dataset, str(exc))
-    write_error_file(task.settings.error_dir, _error_name(endpoint, None), f"{dataset}: {exc}")
+    update_errors(task.settings.error_dir, error_name(endpoint, None), {dataset: str(exc)}, [])
 
 
 @app.task(name="hoster.replication.replicate", base=ReplicationTask, bind=True, request_model=ReplicateRequest)
 def replicate(self: ReplicationTask, vm: str, endpoint: str, speed_limit: float | None = None) -> Any:
     """Full then incremental, automatically: replaced by the chain step | step | finish on this node."""
-    info = self.source_vm(vm)
-    self.settings.endpoint(endpoint)  # a bad endpoint fails here, before anything is queued
+    info = self.own_vm(vm)
+    name = self.settings.endpoint(endpoint).name  # a bad endpoint fails here; the links use its name
     queue = keys.node_queue(self.settings.node_name)
-    token = uuid.uuid4().hex
+    chain_id = uuid.uuid4().hex
     report_to = self.request.id
     links = chain(
-        step.si(None, info.dataset, endpoint, speed_limit, token, report_to).set(queue=queue),
-        step.s(info.dataset, endpoint, speed_limit, token, report_to).set(queue=queue),
-        finish.s(info.dataset, endpoint, token).set(queue=queue),
+        step.si(None, info.dataset, name, speed_limit, chain_id, report_to).set(queue=queue),
+        step.s(info.dataset, name, speed_limit, chain_id, report_to).set(queue=queue),
+        finish.s(info.dataset, name, chain_id, report_to).set(queue=queue),
     )
-    links.on_error(chain_failed.si(report_to, info.dataset, endpoint).set(queue=queue))
+    links.on_error(chain_failed.si(report_to, info.dataset, name).set(queue=queue))
     raise self.replace(links)
 
 
-@app.task(name="hoster.replication.chain_failed", bind=True)
+@app.task(name="hoster.replication.chain_failed", base=PublicTask, bind=True, request_model=ChainFailedRequest)
 def chain_failed(self: Any, task_id: str, dataset: str, endpoint: str) -> None:
     """Errback of a replicate chain: `replicate` was replaced, so no event would ever end its row in
     Flower; this one does (the result backend already holds the link's FAILURE for that id)."""
@@ -113,40 +143,33 @@ def chain_failed(self: Any, task_id: str, dataset: str, endpoint: str) -> None:
                         "(see the failed hoster.replication.step)", traceback="")
 
 
-@app.task(name="hoster.replication.step", base=ReplicationTask, bind=True)
+def _claim(src: DatasetLock, tgt: DatasetLock, acc: dict[str, Any]) -> None:
+    handoff = acc.pop("handoff", None) or {}
+    src.claim(handoff.get("source"))
+    tgt.claim(handoff.get("target"))
+
+
+@app.task(name="hoster.replication.step", base=LinkTask, bind=True, request_model=StepRequest)
 def step(
-    self: ReplicationTask, prev: dict[str, Any] | None, dataset: str, endpoint: str,
-    speed_limit: float | None, token: str, report_to: str | None = None,
+    self: LinkTask, prev: dict[str, Any] | None, dataset: str, endpoint: str,
+    speed_limit: float | None, chain: str, report_to: str | None = None,
 ) -> dict[str, Any]:
     """Plan now and run the plan's first step (a full send, or an incremental to the newest)."""
-    acc: dict[str, Any] = dict(prev or {"dataset": dataset, "target": endpoint, "sent": [], "bytes": 0,
-                                        "seconds": 0.0, "action": "nothing"})
-    if acc.get("complete"):  # the first link's plan had one step and it ran: nothing left for this one
-        return acc
+    self.owned_dataset(dataset)
+    if prev and prev.get("complete"):  # the first link's plan had one step and it ran: nothing left here
+        return prev
     rep = self.replicator(endpoint, speed_limit, report_to)
-    src_lock, tgt_lock = rep.locks(dataset, token)
-    acc["target"] = rep.endpoint.target_dataset(dataset)
-    acc["target_host"] = rep.endpoint.name
+    acc = dict(prev) if prev else {**new_progress(rep, dataset), "speed_limit": speed_limit}
+    src_lock, tgt_lock = rep.locks(dataset, chain)
     try:
-        src_lock.acquire()
-        tgt_lock.acquire()
-        sides, plan, resumed = rep.prepare(dataset)
-        acc["bytes"] += resumed
-        if plan.steps:
-            first = plan.steps[0]
-            src_lock.check()
-            result = rep.send_step(dataset, first, sides)
-            acc["sent"].append(first.snapshot.name)
-            acc["bytes"] += result.bytes
-            acc["seconds"] += result.seconds
-            if acc["action"] == "nothing":
-                acc["action"] = plan.action.value
-        acc["complete"] = len(plan.steps) <= 1
-        src_lock.stop_heartbeat()
-        tgt_lock.stop_heartbeat()  # the lease carries the lock to the next link
+        _claim(src_lock, tgt_lock, acc)
+        advance(rep, dataset, acc, max_steps=1)
+        acc["handoff"] = {"source": src_lock.hand_off(), "target": tgt_lock.hand_off()}
         return acc
+    except DuplicateDelivery as exc:
+        raise self.duplicate(exc) from None
     except BaseException as exc:
-        src_lock.release()
+        src_lock.release()  # a compare-and-delete: never someone else's lock
         tgt_lock.release()
         if isinstance(exc, HosterTasksError):
             _fail(self, rep, dataset, exc)
@@ -155,19 +178,25 @@ def step(
         rep.close()
 
 
-@app.task(name="hoster.replication.finish", base=ReplicationTask, bind=True)
-def finish(self: ReplicationTask, acc: dict[str, Any], dataset: str, endpoint: str, token: str) -> dict[str, Any]:
+@app.task(name="hoster.replication.finish", base=LinkTask, bind=True, request_model=FinishRequest)
+def finish(
+    self: LinkTask, acc: dict[str, Any], dataset: str, endpoint: str, chain: str, report_to: str | None = None
+) -> dict[str, Any]:
+    self.owned_dataset(dataset)
     rep = self.replicator(endpoint, None)
-    src_lock, tgt_lock = rep.locks(dataset, token)
+    acc = dict(acc)
+    src_lock, tgt_lock = rep.locks(dataset, chain)
     try:
-        src_lock.acquire()
-        tgt_lock.acquire()
+        _claim(src_lock, tgt_lock, acc)
         sides = rep.list_sides([dataset])
         plan = rep.plan(dataset, sides)
-        done = rep.finish(dataset, sides, sides)
-        rep.record_success(dataset, acc["bytes"], acc["seconds"], done["target_newest_creation"])
-        clear_error_file(self.settings.error_dir, _error_name(endpoint, None))
+        done = complete(rep, dataset, src_lock, sides)
+        if done["base"] is not None:
+            rep.record_success(dataset, acc["bytes"], acc["seconds"], done["target_newest_creation"])
+        update_errors(self.settings.error_dir, error_name(rep.endpoint.name, None), {}, [dataset])
         return {**acc, **done, "remaining": plan.action.value if plan.action is not Action.NOTHING else None}
+    except DuplicateDelivery as exc:
+        raise self.duplicate(exc) from None
     except HosterTasksError as exc:
         _fail(self, rep, dataset, exc)
         raise
@@ -185,28 +214,43 @@ def replicate_all(
     script_name: str | None = None,
 ) -> dict[str, Any]:
     """Every VM this node owns (copies skipped), one listing per host, full + incremental in one run."""
+    ep = self.settings.endpoint(endpoint)  # an unknown endpoint or bad script name fails before anything runs
+    name = error_name(ep.name, script_name)
+    error_file(self.settings.error_dir, name)
+    try:
+        outcome = _replicate_all(self, ep.name, vms, speed_limit)
+    except HosterTasksError as exc:
+        if not self.will_retry(exc):
+            update_errors(self.settings.error_dir, name, {JOB_LINE: str(exc)}, [])
+        raise
+    done = [r["dataset"] for r in outcome["results"]] + [JOB_LINE]
+    final = not (outcome["transient"] and self.request.retries < self.max_retries)
+    update_errors(self.settings.error_dir, name, outcome["errors"] if final else {}, done)
+    if outcome["failed"]:
+        report_context(node=self.settings.node_name, target=ep.name, dataset=",".join(outcome["failed_datasets"]))
+        if not final:
+            raise self.retry(countdown=min(2 ** self.request.retries, self.retry_backoff_max))
+        raise Permanent("replication failed: " + "; ".join(outcome["failed"]))
+    return outcome
+
+
+def _replicate_all(
+    task: ReplicationTask, endpoint: str, vms: list[str] | None, speed_limit: float | None
+) -> dict[str, Any]:
     from hoster_tasks.replication.run_all import replicate_many
 
-    owned: list[VmInfo] = []
-    skipped: list[VmInfo] = []
-    for info in inventory(self.shell, self.settings):
-        if vms and info.name not in vms:
-            continue
-        (owned if info.parent == self.settings.node_name else skipped).append(info)
-    rep = self.replicator(endpoint, speed_limit, self.request.id)
+    found = inventory(task.shell, task.settings)
+    unknown = sorted(set(vms or []) - {v.name for v in found})
+    if unknown:
+        raise UnknownVM(f"unknown VM(s) on node {task.settings.node_name}: {', '.join(unknown)}")
+    chosen = [v for v in found if not vms or v.name in vms]
+    owned = [v for v in chosen if v.parent == task.settings.node_name]
+    rep = task.replicator(endpoint, speed_limit, task.request.id)
     try:
         outcome = replicate_many(rep, [v.dataset for v in owned])
     finally:
         rep.close()
-    outcome["skipped"] = [f"{v.dataset} (backup copy of {v.parent})" for v in skipped]
-    name = _error_name(endpoint, script_name)
-    if outcome["failed"]:
-        report_context(node=self.settings.node_name, target=endpoint, dataset=",".join(outcome["failed_datasets"]))
-        write_error_file(self.settings.error_dir, name, "\n".join(outcome["failed"]))
-        if outcome["transient"] and self.request.retries < self.max_retries:
-            raise self.retry(countdown=min(2 ** self.request.retries, self.retry_backoff_max))
-        raise Permanent("replication failed: " + "; ".join(outcome["failed"]))
-    clear_error_file(self.settings.error_dir, name)
+    outcome["skipped"] = [f"{v.dataset} (backup copy of {v.parent})" for v in chosen if v not in owned]
     return outcome
 
 
@@ -214,19 +258,23 @@ def replicate_all(
 def fanout(
     self: Any, endpoint: str, speed_limit: float | None = None, script_name: str | None = None
 ) -> dict[str, str]:
-    """Beat's entry point: replicate_all on every live node that has this endpoint as a target."""
+    """Beat's entry point: replicate_all on every live node that has this endpoint as a target. Its Crons
+    check-in closes when the last replicate_all ends, not when this returns (observability/crons.py)."""
     import redis
 
+    from hoster_tasks.observability.crons import FanoutCheckin
     from hoster_tasks.settings import get_settings
 
     client = redis.Redis.from_url(get_settings().redis_url)
-    nodes = [n for n in live_nodes(client) if endpoint in n.endpoints]
-    if not nodes:
-        raise NoLiveNode(f"no live node has endpoint {endpoint!r} configured")
-    return {
-        n.name: replicate_all.apply_async(
-            args=[endpoint], kwargs={"speed_limit": speed_limit, "script_name": script_name},
-            queue=keys.node_queue(n.name),
-        ).id
-        for n in nodes
-    }
+    with FanoutCheckin(self, client) as checkin:
+        nodes = [n for n in live_nodes(client) if endpoint in n.endpoints]
+        if not nodes:
+            raise NoLiveNode(f"no live node has endpoint {endpoint!r} configured")
+        headers = checkin.expect(n.name for n in nodes)
+        return {
+            n.name: replicate_all.apply_async(
+                args=[endpoint], kwargs={"speed_limit": speed_limit, "script_name": script_name},
+                queue=keys.node_queue(n.name), headers=headers,
+            ).id
+            for n in nodes
+        }

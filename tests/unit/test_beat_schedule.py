@@ -9,6 +9,7 @@ from celery.schedules import crontab
 
 from beat_schedule import build_beat_schedule
 from hoster_tasks import keys
+from hoster_tasks.observability.errorfile import error_name
 from hoster_tasks.settings import Settings
 
 ALL_DAYS = set(range(7))
@@ -60,8 +61,10 @@ def test_default_replication_per_target_at_minute_50(monkeypatch: pytest.MonkeyP
     assert rep["task"] == "hoster.replication.fanout"
     assert fields(rep["schedule"]) == ({50}, ALL_HOURS, ALL_DOM, ALL_MONTHS, ALL_DAYS)
     assert rep["args"] == ["hoster01"]
-    assert rep["kwargs"] == {"speed_limit": None, "script_name": "hoster01"}
+    assert rep["kwargs"] == {"speed_limit": None, "script_name": None}
     assert rep["options"] == {"queue": "hoster.control"}
+    # no script name: the job's alert file is the seed's ERROR_to_<endpoint>
+    assert error_name(Settings.from_env().endpoint("hoster01").name, None) == "to_hoster01"
     assert schedule["replicate-offsite01"]["args"] == ["offsite01"]
     assert len(schedule) == 6
 
@@ -110,7 +113,7 @@ def test_replication_schedule_override_replaces_default(monkeypatch: pytest.Monk
     assert rep["kwargs"] == {"speed_limit": 90.0, "script_name": "to_hoster01"}
     nightly = schedule["replicate-nightly"]
     assert nightly["args"] == ["10.5.199.85"]
-    assert nightly["kwargs"] == {"speed_limit": None, "script_name": "nightly"}
+    assert nightly["kwargs"] == {"speed_limit": None, "script_name": None}  # ERROR_to_hoster01, host or not
     assert fields(nightly["schedule"]) == ({0}, {3}, ALL_DOM, ALL_MONTHS, ALL_DAYS)
 
 

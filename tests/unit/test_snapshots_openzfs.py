@@ -189,6 +189,13 @@ def test_openzfs_listing_reads_clones_and_retention_spares_a_cloned_snapshot() -
     assert [(s.name, why) for s, why in plan.spared] == [(HOURLY[1], "cloned")]
 
 
+class _HeldLock:
+    """A lock that is ours throughout (the lock itself is tested through Redis in the integration tests)."""
+
+    def check(self) -> None:
+        pass
+
+
 class _NoRedis:
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"Redis was used ({name})")
@@ -211,7 +218,7 @@ def test_prune_on_openzfs_never_runs_destroy_on_a_cloned_snapshot(settings: Sett
     snaps = ops.list_snapshots(shell, [VM], caps)
     shell.calls.clear()
 
-    destroyed, spared = prune(ctx, snaps, "hourly", 1, {VM: frozenset()})
+    destroyed, spared = prune(ctx, snaps, "hourly", 1, {VM: frozenset()}, {VM: _HeldLock()})  # type: ignore[dict-item]
 
     assert shell.calls == [["zfs", "destroy", f"{VM}@{HOURLY[0]}"], ["zfs", "destroy", f"{VM}@{HOURLY[2]}"]]
     assert destroyed == [f"{VM}@{HOURLY[0]}", f"{VM}@{HOURLY[2]}"]
@@ -234,7 +241,7 @@ def test_prune_on_zfs_fuse_spares_a_cloned_snapshot_when_zfs_refuses(settings: S
     assert all(s.clones == "" for s in snaps[VM])
     shell.calls.clear()
 
-    destroyed, spared = prune(ctx, snaps, "hourly", 1, {VM: frozenset()})
+    destroyed, spared = prune(ctx, snaps, "hourly", 1, {VM: frozenset()}, {VM: _HeldLock()})  # type: ignore[dict-item]
 
     assert shell.calls == [["zfs", "destroy", f"{VM}@{h}"] for h in HOURLY[:3]]
     assert destroyed == [f"{VM}@{HOURLY[0]}", f"{VM}@{HOURLY[2]}"]

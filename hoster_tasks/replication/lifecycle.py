@@ -1,0 +1,67 @@
+"""One dataset's replication, as one lifecycle both the chain links and replicate-all run.
+
+    advance   under the locks: prepare (resume, plan), then send steps; after each step the new common base
+              is recorded, held and the copy marked ours before the step counts as done
+    complete  under the locks: protect the base, prune the target, run the source prunes that snapshot jobs
+              deferred while this dataset was replicating
+
+A chain runs `advance(max_steps=1)` per link and `complete` in its last link; replicate-all runs
+`advance()` and `complete` under one hold of the locks (`replicate_one`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hoster_tasks.locks import DatasetLock
+from hoster_tasks.replication.replicator import Replicator, Sides
+from hoster_tasks.snapshots import run_deferred_prunes
+
+
+def new_progress(rep: Replicator, dataset: str) -> dict[str, Any]:
+    """What a run reports (JSON: it travels from chain link to chain link)."""
+    return {"dataset": dataset, "target": rep.endpoint.target_dataset(dataset), "target_host": rep.endpoint.name,
+            "action": "nothing", "sent": [], "bytes": 0, "seconds": 0.0, "complete": False}
+
+
+def advance(rep: Replicator, dataset: str, progress: dict[str, Any], max_steps: int | None = None) -> Sides:
+    """Send up to `max_steps` steps of a fresh plan (all when None); updates `progress`, returns the sides
+    as they are after the last step."""
+    sides, plan, resumed = rep.prepare(dataset)
+    progress["bytes"] += resumed
+    steps = plan.steps if max_steps is None else plan.steps[:max_steps]
+    if steps and progress["action"] == "nothing":
+        progress["action"] = plan.action.value
+    for step in steps:
+        rep.guard()
+        result = rep.send_step(dataset, step, sides)
+        sides = rep.protect_base(dataset, step.snapshot, sides)
+        progress["sent"].append(step.snapshot.name)
+        progress["bytes"] += result.bytes
+        progress["seconds"] += result.seconds
+    progress["complete"] = len(steps) == len(plan.steps)
+    return sides
+
+
+def complete(rep: Replicator, dataset: str, source_lock: DatasetLock, after: Sides | None = None) -> dict[str, Any]:
+    """Finish the run (`after`: a listing made after the last transfer; listed here when None) and record
+    its success."""
+    after = after if after is not None else rep.list_sides([dataset])
+    if not after.source[dataset]:  # a VM with no snapshot yet: nothing to do, not "nothing in common"
+        return {"base": None, "pruned_on_target": [], "target_newest_creation": 0,
+                "note": "the source has no snapshots yet"}
+    done = rep.finish(dataset, after)
+    done["deferred_prunes"] = run_deferred_prunes(rep.ctx, dataset, source_lock)
+    return done
+
+
+def replicate_one(rep: Replicator, dataset: str) -> dict[str, Any]:
+    """Under both locks: every step, then complete. Returns what was done."""
+    progress = new_progress(rep, dataset)
+    src_lock, tgt_lock = rep.locks(dataset)
+    with src_lock, tgt_lock:
+        sides = advance(rep, dataset, progress)
+        done = complete(rep, dataset, src_lock, rep.list_sides([dataset]) if progress["sent"] else sides)
+    if done["base"] is not None:
+        rep.record_success(dataset, progress["bytes"], progress["seconds"], done["target_newest_creation"])
+    return {**progress, **done}
