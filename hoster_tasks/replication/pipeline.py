@@ -3,10 +3,16 @@
 No shell and no Python copy of the bytes: the kernel moves them between the stages. `pv` limits the rate
 (`-L`) and reports bytes on stderr (`-n -b`), which becomes progress. Every stage's exit status and stderr
 is checked; the stage that failed first in causal order names the error.
+
+Stages run in their own sessions (a kill of a stage never reaches the worker) and die with the worker
+thread that started them (parent-death signal, see pdeathsig): no transfer outlives a dead worker. Given a
+`LeaseWatch`, a watchdog process kills them once their locks are gone, even while the worker is frozen.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -14,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from hoster_tasks.errors import CommandFailed, LockLost, PipelinePermanent, zfs_error
+from hoster_tasks.replication.pdeathsig import die_with_parent
+from hoster_tasks.replication.watchdog import LeaseWatch, Watchdog
 
 ProgressFn = Callable[[int], None]
 
@@ -66,7 +74,11 @@ def run_pipeline(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     timeout: float | None = None,
+    lease: LeaseWatch | None = None,
 ) -> PipelineResult:
+    """Run `send | pv | receive`. With `lease`, a watchdog kills the stages once a lock is no longer ours.
+
+    Start it from a thread that lives until it returns (the stages die when that thread exits, on Linux)."""
     stages = [send, Stage(pv_argv(speed_limit_mb), "local"), receive]
     results = [StageResult(s) for s in stages]
     sent = [0]
@@ -81,6 +93,7 @@ def run_pipeline(
     readers: list[threading.Thread] = []
     stderr_bufs: list[list[str]] = [[] for _ in stages]
     stdin = subprocess.DEVNULL
+    watchdog = Watchdog(lease) if lease is not None else None  # first: its start-up overlaps the stages'
     try:
         for i, stage in enumerate(stages):
             last = i == len(stages) - 1
@@ -90,6 +103,7 @@ def run_pipeline(
                 stdout=subprocess.DEVNULL if last else subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # so a kill reaches the stage and not the worker
+                preexec_fn=die_with_parent(),  # ...and the stage still dies with the worker
             )
             if i > 0 and procs[-1].stdout is not None:
                 procs[-1].stdout.close()  # only the next stage holds the read end: SIGPIPE works
@@ -102,35 +116,73 @@ def run_pipeline(
             )
             reader.start()
             readers.append(reader)
-        _wait_all(procs, cancel, timeout, started)
+        if watchdog is not None:
+            watchdog.guard([p.pid for p in procs])  # each stage leads its own process group
+        _wait_all(procs, cancel, timeout, started, watchdog)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            if _exit_status(proc) is None:
+                _kill_group(proc.pid)
+        # the watchdog goes before any stage is reaped: until then no stage's pid can be reused
+        verdict = watchdog.stop() if watchdog is not None else None
+        for proc in procs:
+            proc.wait()
         for reader in readers:
             reader.join(timeout=5)
     for res, proc, buf in zip(results, procs, stderr_bufs, strict=False):
         res.exit_code = proc.returncode
         res.stderr = "".join(buf).strip()
+    if isinstance(verdict, LockLost):
+        raise verdict
     if cancel is not None and cancel.is_set():
         raise LockLost("the dataset lock was lost during the transfer: the transfer was stopped")
+    if verdict is not None:
+        raise verdict
     _raise_for(results)
     return PipelineResult(sent[0], time.monotonic() - started, results)
 
 
+def _exit_status(proc: subprocess.Popen[bytes]) -> int | None:
+    """A stage's exit code (negative: killed by that signal), or None while it runs; without reaping it."""
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return proc.poll()  # reaped elsewhere
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _wait_all(
-    procs: Sequence[subprocess.Popen[bytes]], cancel: threading.Event | None, timeout: float | None, t0: float
+    procs: Sequence[subprocess.Popen[bytes]],
+    cancel: threading.Event | None,
+    timeout: float | None,
+    t0: float,
+    watchdog: Watchdog | None = None,
 ) -> None:
-    while any(p.poll() is None for p in procs):
+    while True:
+        codes = [_exit_status(p) for p in procs]
+        if all(c is not None for c in codes):
+            return
         if cancel is not None and cancel.is_set():
-            break
+            return
         if timeout is not None and time.monotonic() - t0 > timeout:
-            break
+            return
+        if watchdog is not None and watchdog.exited():  # it killed the stages, or failed: no transfer unguarded
+            return
         # a dead stage means the rest can only fail: stop them instead of waiting on a stalled pipe
-        if any(p.returncode not in (None, 0) for p in procs):
+        if any(c not in (None, 0) for c in codes):
             time.sleep(0.5)
-            break
+            return
         time.sleep(0.05)
 
 
