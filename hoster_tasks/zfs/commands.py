@@ -154,3 +154,7 @@ def set_readonly(dataset: str, zfs: str = ZFS) -> list[str]:
     return [zfs, "set", "readonly=on", validate_dataset(dataset)]
 
 
+def process_args() -> list[str]:
+    """Every process's command line, one a line: `ps -A -o args=` on Linux (procps) and FreeBSD alike, as
+    syncoid reads it. `-ww`: never cut at a terminal width, or the dataset at the end would be lost."""
+    return ["ps", "-ww", "-A", "-o", "args="]
