@@ -160,6 +160,12 @@ bad_snapshot = (bad_required_name | _word | st.builds(lambda a, b: f"pool/vm/vm1
                 | hostile.map(lambda h: f"pool/vm/vm1@{h}") | hostile.map(lambda h: f"pool/{h}@s"))
 # an endpoint of the right form that is not one of the node's targets: refused on the worker, before anything
 unconfigured = st.sampled_from(["elsewhere", "10.9.9.9", "fd00::99", "root@other.example.org"])
+bad_token = hostile | dashed.map(lambda w: w + " x") | huge | _not_str | st.just("")  # chain ids, task ids
+_progress_fields = st.sampled_from(["bytes", "seconds", "sent", "complete", "action", "handoff", "dataset"])
+bad_progress = (st.text(max_size=10) | st.integers() | st.lists(_word, max_size=2)
+                | st.builds(lambda k, v: {k: v}, _progress_fields, bad_name | st.integers(max_value=-1))
+                | st.builds(lambda k: {k: 1}, _word.filter(lambda w: w not in ("bytes", "seconds")))
+                | bad_token.map(lambda t: {"handoff": {"source": t}}))
 _json = st.none() | st.booleans() | st.integers(-100, 100) | st.text(max_size=10) | st.lists(st.integers(), max_size=2)
 
 
@@ -194,6 +200,22 @@ SPECS = {
                           {"endpoint": ENDPOINT, "vms": None, "speed_limit": None, "script_name": None},
                           {"endpoint": bad_required_name | unconfigured, "vms": bad_vms, "speed_limit": bad_speed,
                            "script_name": bad_name}),
+    # the links of a replicate chain: sent by `replicate`, but any client of the broker can send them too
+    "step": Spec("hoster.replication.step",
+                 {"prev": None, "dataset": "pool/vm/vm1", "endpoint": ENDPOINT, "speed_limit": None, "chain": "c1",
+                  "report_to": None},
+                 {"prev": bad_progress, "dataset": bad_required_name, "endpoint": bad_required_name | unconfigured,
+                  "speed_limit": bad_speed, "chain": bad_token | st.none(), "report_to": bad_token}),
+    "finish": Spec("hoster.replication.finish",
+                   {"acc": {"sent": [], "bytes": 0, "seconds": 0.0}, "dataset": "pool/vm/vm1", "endpoint": ENDPOINT,
+                    "chain": "c1", "report_to": None},
+                   {"acc": bad_progress | st.none(), "dataset": bad_required_name,
+                    "endpoint": bad_required_name | unconfigured, "chain": bad_token | st.none(),
+                    "report_to": bad_token}),
+    "chain_failed": Spec("hoster.replication.chain_failed",
+                         {"task_id": "t1", "dataset": "pool/vm/vm1", "endpoint": ENDPOINT},
+                         {"task_id": bad_token | st.none(), "dataset": bad_required_name,
+                          "endpoint": bad_required_name}),
     "replication_fanout": Spec("hoster.replication.fanout",
                                {"endpoint": ENDPOINT, "speed_limit": None, "script_name": None},
                                {"endpoint": bad_required_name, "speed_limit": bad_speed, "script_name": bad_name}),
