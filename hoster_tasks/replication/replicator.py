@@ -18,6 +18,7 @@ from hoster_tasks.errors import (
     Diverged,
     EncryptedSendRefused,
     Permanent,
+    ReceiveInProgress,
     SnapshotExists,
     SnapshotHeld,
     ZfsError,
@@ -29,6 +30,8 @@ from hoster_tasks.observability import state
 from hoster_tasks.policy.planner import Action, Plan, Step, StepKind, plan_replication, target_prune
 from hoster_tasks.policy.retention import plan_retention
 from hoster_tasks.replication.pipeline import PipelineResult, Stage, run_pipeline
+from hoster_tasks.replication.receiving import receive_in_progress
+from hoster_tasks.replication.watchdog import LeaseWatch
 from hoster_tasks.settings import Endpoint
 from hoster_tasks.snapshots import NodeContext
 from hoster_tasks.zfs import commands as cmd
@@ -176,9 +179,6 @@ class Replicator:
         """Busy (retried later), never diverged, while a `zfs receive` into the target runs there: a transfer
         that outlived its worker's lease, or another tool's, whose half-received dataset would look diverged.
         Syncoid checks the same before it starts."""
-        from hoster_tasks.errors import ReceiveInProgress
-        from hoster_tasks.replication.receiving import receive_in_progress
-
         target = self.endpoint.target_dataset(dataset)
         if receive_in_progress(self.target_shell.run(cmd.process_args()).stdout, target):
             raise ReceiveInProgress(
@@ -214,7 +214,6 @@ class Replicator:
         return token if self._resumable() and token not in ("-", "") else None
 
     def _transfer(self, dataset: str, send_argv: list[str], recv_argv: list[str], total: int | None) -> PipelineResult:
-        from hoster_tasks.replication.watchdog import LeaseWatch
 
         def report(n: int) -> None:
             if self.progress is not None:

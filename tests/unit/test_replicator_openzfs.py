@@ -209,6 +209,7 @@ def zfs_host(host: str, log: list[tuple[str, list[str]]], model: ZfsModel, usage
     shell.prefix[("zfs", "get")] = model.get
     for verb in ("set", "hold", "release", "destroy"):
         shell.prefix[("zfs", verb)] = OK
+    shell.prefix[("ps",)] = OK  # the receive-in-progress check: none running
     return shell
 
 
@@ -242,7 +243,7 @@ class CapturedPipeline:
 
     def __call__(self, send: Stage, receive: Stage, speed_limit_mb: float | None = None,
                  progress: Callable[[int], None] | None = None, cancel: Any = None,
-                 timeout: float | None = None) -> PipelineResult:
+                 timeout: float | None = None, lease: Any = None) -> PipelineResult:
         t = Transfer(send.argv, receive.argv, send.host, receive.host, speed_limit_mb)
         self.transfers.append(t)
         self.log.append(("pipeline", [*send.argv, "|", *receive.argv]))
@@ -582,6 +583,7 @@ def test_a_failed_resume_is_aborted_and_the_normal_plan_continues(world: World) 
         ["zfs", "send", "-w", "-I", f"{VM1}@{H1}", f"{VM1}@{H3}"],
     ]
     assert [(host, argv) for host, argv in world.log if argv[1:2] != ["get"]] == [
+        (TARGET, ["ps", "-ww", "-A", "-o", "args="]),  # no receive of ours in progress there
         (TARGET, ["zfs"]),
         ("pipeline", [*send_t, "|", *receive_stage(T_VM1)]),
         (TARGET, ["zfs", "receive", "-A", T_VM1]),
@@ -650,7 +652,7 @@ def test_finish_moves_base_and_holds_and_prunes_what_target_prune_chose(world: W
     theirs = SnapRow("before-upgrade", guid(T_VM1, "theirs"), 260, 1_714_988_000)
     world.tgt_model.datasets[T_VM1].snaps[:0] = [old, theirs]
     rep = world.replicator()
-    before = rep.list_sides([VM1])
+    rep.list_sides([VM1])  # probes both hosts before the transfer
     received(world, T_VM1, VM1, [H2, H3])
     after = rep.list_sides([VM1])
     world.reset()
@@ -678,7 +680,7 @@ def test_finish_moves_base_and_holds_and_prunes_what_target_prune_chose(world: W
 
 def test_finish_marks_a_new_copy_with_its_parent_and_read_only(world: World) -> None:
     rep = world.replicator()
-    before = rep.list_sides([VM3])
+    rep.list_sides([VM3])  # probes both hosts before the transfer
     received(world, T_VM3, VM3, [H1, H2, H3], encryption="aes-256-gcm")
     after = rep.list_sides([VM3])
     world.reset()
@@ -711,7 +713,7 @@ def test_finish_with_nothing_new_writes_nothing(world: World) -> None:
 
 def test_an_already_held_base_is_not_an_error(world: World) -> None:
     rep = world.replicator()
-    before = rep.list_sides([VM3])
+    rep.list_sides([VM3])  # probes both hosts before the transfer
     received(world, T_VM3, VM3, [H1, H2, H3])
     after = rep.list_sides([VM3])
     world.tgt.exact[("zfs", "hold", "hoster-tasks.backup1", f"{T_VM3}@{H3}")] = (
@@ -725,7 +727,7 @@ def test_target_keep_prunes_the_old_base_whose_hold_was_just_released(world: Wor
     endpoint = world.endpoint.model_copy(update={"keep": {"hourly": 2}})
     rep = Replicator(NodeContext(world.settings, world.src, probe(world.src), world.redis), endpoint,
                      target_shell=world.tgt)
-    before = rep.list_sides([VM1])
+    rep.list_sides([VM1])  # probes both hosts before the transfer
     received(world, T_VM1, VM1, [H2, H3])
     after = rep.list_sides([VM1])
     world.reset()
@@ -769,7 +771,7 @@ def test_a_diverged_target_raises_and_nothing_destructive_runs(world: World) -> 
         rep.plan(WEB, sides)
     assert world.pipeline.transfers == []
     assert destructive(world.log) == []
-    assert {c[1] for c in commands(world.log) if len(c) > 1} == {"get"}
+    assert {c[1] for c in commands(world.log) if len(c) > 1 and c[0] == "zfs"} == {"get"}
 
 
 # -- the whole run (run_all) with a real redis-server for the locks -------------------------------------------------
@@ -844,7 +846,7 @@ def test_replicate_many_a_diverged_target_runs_nothing_destructive(world: World,
     assert "diverged" in out["failed"][0] and "hourly_2024-05-06_11-00-00" in out["failed"][0]
     assert world.pipeline.transfers == []
     assert destructive(world.log) == []
-    assert {c[1] for c in commands(world.log) if len(c) > 1} == {"get"}
+    assert {c[1] for c in commands(world.log) if len(c) > 1 and c[0] == "zfs"} == {"get"}
     assert real_redis.hget(keys.replication_state(NODE, WEB, TARGET), "error") == b"1"
 
 
@@ -860,7 +862,7 @@ def test_replicate_many_a_foreign_target_is_refused_before_anything_is_sent(worl
 
     assert out["failed_datasets"] == [WEB] and "belongs to node 'node7'" in out["failed"][0]
     assert world.pipeline.transfers == []
-    assert {c[1] for c in commands(world.log) if len(c) > 1} == {"get"}
+    assert {c[1] for c in commands(world.log) if len(c) > 1 and c[0] == "zfs"} == {"get"}
 
 
 def test_a_foreign_target_with_a_resume_token_is_not_touched(world: World) -> None:
