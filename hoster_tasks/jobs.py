@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,7 +61,7 @@ class JobLease:
 
     def start(self) -> None:
         entry = {"name": self.name, "args": self.args, "started": time.time(), "rerun": asdict(self.rerun),
-                 "lease": self.lease}
+                 "lease": self.lease, "pid": os.getpid()}
         pipe = self.client.pipeline(transaction=True)  # entry and lease appear together
         pipe.hset(keys.running_jobs(self.node), self.task_id, json.dumps(entry, default=str))
         pipe.set(keys.job_alive(self.task_id), "1", px=int(self.lease * 1000))

@@ -20,6 +20,13 @@ def bar(done: int, total: int | None, label: str = "") -> str:
 
 
 FOLLOW_EVERY = 2.0  # seconds between looks for a lost job (jobs.py)
+# A pool process killed mid-job: Celery marks the job failed (WorkerLostError) at once, while its lease
+# runs out only a lease later and the job is re-queued then. Wait that long for the re-run.
+LOST_GRACE_SECONDS = 3 * 60.0
+
+
+def _worker_lost(result: Any) -> bool:
+    return result.state == "FAILURE" and type(result.result).__name__ == "WorkerLostError"
 
 
 def lost_job_follower(app: Any) -> Callable[[str], str | None]:
@@ -51,16 +58,23 @@ def wait_with_progress(
     deadline = time.monotonic() + timeout
     drawn = last = ""
     next_follow = time.monotonic() + FOLLOW_EVERY
+    lost_since: float | None = None  # when Celery reported the job's pool process lost
     while True:
-        if time.monotonic() >= next_follow or result.ready():
+        ready = result.ready()
+        if (ready and lost_since is None) or time.monotonic() >= next_follow:
             next_follow = time.monotonic() + FOLLOW_EVERY
             new_id = follow(result.id)
             if new_id is not None:
                 out.write(f"hoster-tasks: the worker running this job died; re-queued as {new_id}\n")
                 out.flush()
-                result = type(result)(new_id, app=result.app)
+                result, lost_since = type(result)(new_id, app=result.app), None
                 continue
-        if result.ready() or time.monotonic() > deadline:
+        if ready and _worker_lost(result):
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since < LOST_GRACE_SECONDS:
+                time.sleep(poll)
+                continue
+        if ready or time.monotonic() > deadline:
             break
         info = result.info if result.state == "PROGRESS" else None
         if isinstance(info, dict) and "bytes" in info:
