@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,6 +49,28 @@ class LostJob:
     requeued_as: str
 
 
+# KEYS[1] the node's running-jobs hash, KEYS[2] the job's lease key; ARGV[1] task id, ARGV[2] this delivery's
+# lease id, ARGV[3] the entry (JSON), ARGV[4] the lease in ms. A second delivery of a job whose first is
+# alive is not tracked: its end must not untrack the first.
+_START = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+return 1
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+# Ends this delivery's tracking only: its own entry and its own lease (a re-run may have replaced them).
+_STOP = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if raw and cjson.decode(raw)['lease_id'] == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+
 @dataclass
 class JobLease:
     client: redis.Redis
@@ -57,30 +80,34 @@ class JobLease:
     args: list[Any]
     rerun: Rerun
     lease: float
+    lease_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def start(self) -> None:
+    def _ms(self) -> int:
+        return int(self.lease * 1000)
+
+    def start(self) -> bool:
+        """Track this delivery; False when another delivery of the same job is alive (then nothing is)."""
         entry = {"name": self.name, "args": self.args, "started": time.time(), "rerun": asdict(self.rerun),
-                 "lease": self.lease, "pid": os.getpid()}
-        pipe = self.client.pipeline(transaction=True)  # entry and lease appear together
-        pipe.hset(keys.running_jobs(self.node), self.task_id, json.dumps(entry, default=str))
-        pipe.set(keys.job_alive(self.task_id), "1", px=int(self.lease * 1000))
-        pipe.execute()
-        threading.Thread(target=self._renew, name=f"job:{self.task_id}", daemon=True).start()
+                 "lease": self.lease, "pid": os.getpid(), "lease_id": self.lease_id}
+        alive = keys.job_alive(self.task_id)
+        started = self.client.eval(_START, 2, keys.running_jobs(self.node), alive, self.task_id, self.lease_id,
+                                   json.dumps(entry, default=str), self._ms())
+        if started:
+            threading.Thread(target=self._renew, name=f"job:{self.task_id}", daemon=True).start()
+        return bool(started)
 
     def _renew(self) -> None:
         while not self._stop.wait(max(self.lease / 3, 0.2)):
             try:
-                self.client.pexpire(keys.job_alive(self.task_id), int(self.lease * 1000))
+                self.client.eval(_RENEW, 1, keys.job_alive(self.task_id), self.lease_id, self._ms())
             except redis.RedisError:
                 continue  # the lease runs out if Redis stays away: the job is then treated as lost
 
     def stop(self) -> None:
         self._stop.set()
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hdel(keys.running_jobs(self.node), self.task_id)
-        pipe.delete(keys.job_alive(self.task_id))
-        pipe.execute()
+        self.client.eval(_STOP, 2, keys.running_jobs(self.node), keys.job_alive(self.task_id), self.task_id,
+                         self.lease_id)
 
 
 def _entries(client: redis.Redis, node: str) -> dict[str, dict[str, Any]]:

@@ -113,8 +113,8 @@ class NodeTask(PublicTask):
             return
         lease = JobLease(self.redis, self.settings.node_name, task_id, self.name, list(args),
                          self.rerun(args, kwargs), self.settings.lock_lease_seconds)
-        lease.start()
-        _leases[task_id] = lease
+        if lease.start():
+            _leases[task_id] = lease
 
     def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         job_finished(self, status, retval)  # first: a failing metrics write must not leave a check-in open
