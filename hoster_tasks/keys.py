@@ -27,9 +27,6 @@ def dataset_lock(node_name: str, dataset: str) -> str:
     return f"{PREFIX}:lock:{node_name}:{dataset}"
 
 
-LOCK_PATTERN = f"{PREFIX}:lock:*"
-
-
 def lock_fence(node_name: str, dataset: str) -> str:
     """Counter INCRed on every acquire: a fencing token for destructive steps."""
     return f"{PREFIX}:fence:{node_name}:{dataset}"
@@ -45,12 +42,8 @@ def replication_state(node_name: str, dataset: str, target: str) -> str:
     return f"{PREFIX}:repl:{node_name}:{dataset}:{target}"
 
 
-STATE_PATTERN = f"{PREFIX}:state:*"
-REPLICATION_PATTERN = f"{PREFIX}:repl:*"
-
-
 def running_jobs(node_name: str) -> str:
-    """Hash task_id -> description of jobs running on a node right now."""
+    """Hash task_id -> the job running on a node (and the request that re-runs it): see jobs.py."""
     return f"{PREFIX}:running:{node_name}"
 
 
@@ -58,7 +51,8 @@ FENCE_TTL_SECONDS = 30 * 24 * 3600  # a fence outlives any lease by far; a retir
 
 
 def job_alive(task_id: str) -> str:
-    """Exists while the worker process running this job renews it (a lease): gone = the job is lost."""
+    """The job's lease, holding the running delivery's lease id; renewed by the worker process running it.
+    Gone while the job's entry remains: the job is lost."""
     return f"{PREFIX}:job-alive:{task_id}"
 
 

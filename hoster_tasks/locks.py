@@ -184,11 +184,3 @@ class DatasetLock:
     ) -> None:
         self.release()
 
-
-def held_locks(client: redis.Redis) -> dict[str, float]:
-    """Lock key -> seconds left on its lease (for `status`)."""
-    out: dict[str, float] = {}
-    for key in client.scan_iter(match=keys.LOCK_PATTERN, count=500):
-        ttl = client.pttl(key)
-        out[key.decode() if isinstance(key, bytes) else key] = max(ttl, 0) / 1000
-    return out
