@@ -49,10 +49,11 @@ class NodeContext:
 
 
 def replication_bases(ctx: NodeContext, datasets: Sequence[str]) -> dict[str, frozenset[int]]:
-    """GUIDs recorded as the newest common snapshot with each configured target: never pruned."""
+    """GUIDs recorded as the newest common snapshot with each configured target, or as being sent there:
+    never pruned."""
     if not ctx.settings.targets or not datasets:
         return {ds: frozenset() for ds in datasets}
-    props = [ops.base_property(t.name) for t in ctx.settings.targets]
+    props = [p for t in ctx.settings.targets for p in (ops.base_property(t.name), ops.sending_property(t.name))]
     found = ops.get_properties(ctx.shell, datasets, props, zfs=ctx.zfs)
     return {
         ds: frozenset(int(v) for v in found.get(ds, {}).values() if v.isdigit())

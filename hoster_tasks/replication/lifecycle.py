@@ -1,7 +1,8 @@
 """One dataset's replication, as one lifecycle both the chain links and replicate-all run.
 
-    advance   under the locks: prepare (resume, plan), then send steps; after each step the new common base
-              is recorded, held and the copy marked ours before the step counts as done
+    advance   under the locks: prepare (resume, plan), then send steps; what a step sends is marked as being
+              sent before it starts, and after it the new common base is recorded, held and the copy marked
+              ours before the step counts as done: at no line is what the target has prunable on the source
     complete  under the locks: protect the base, prune the target, run the source prunes that snapshot jobs
               deferred while this dataset was replicating
 
@@ -33,7 +34,7 @@ def advance(rep: Replicator, dataset: str, progress: dict[str, Any], max_steps: 
     if steps and progress["action"] == "nothing":
         progress["action"] = plan.action.value
     for step in steps:
-        rep.guard()
+        rep.mark_sending(dataset, step.snapshot)  # checks the locks first
         result = rep.send_step(dataset, step, sides)
         sides = rep.protect_base(dataset, step.snapshot, sides)
         progress["sent"].append(step.snapshot.name)

@@ -269,6 +269,12 @@ class Replicator:
             return step.snapshot.referenced or None
         return max(step.snapshot.referenced - step.base.referenced, 0) + step.snapshot.used or None
 
+    def mark_sending(self, dataset: str, snap: Snapshot) -> None:
+        """Before a send: protect what it sends from retention until the base has moved (ops.SENDING_...)."""
+        self.guard()
+        ops.set_property(self.ctx.shell, dataset, ops.sending_property(self.endpoint.name), str(snap.guid),
+                         self.ctx.zfs)
+
     # -- after a successful transfer -------------------------------------------------------------------
     def protect_base(self, dataset: str, base: Snapshot, sides: Sides) -> Sides:
         """Record `base` as the newest common snapshot, hold it on both sides and mark the copy as ours.

@@ -13,10 +13,18 @@ from hoster_tasks.zfs.shell import Shell
 PARENT_PROPERTY = "hoster-tasks:parent"  # node that owns a VM; absent = the node it is on
 BASE_PROPERTY_PREFIX = "hoster-tasks:base."  # + target name: GUID of the newest common snapshot
 HOLD_TAG_PREFIX = "hoster-tasks."  # + target name
+# + target name: GUID of the snapshot being sent there, recorded before the send starts. Retention spares
+# it like the base: a worker killed between the end of a receive and the recording of the new base would
+# otherwise leave the target's newest snapshot prunable on the source (and the next run "diverged").
+SENDING_PROPERTY_PREFIX = "hoster-tasks:sending."
 
 
 def base_property(target: str) -> str:
     return BASE_PROPERTY_PREFIX + target
+
+
+def sending_property(target: str) -> str:
+    return SENDING_PROPERTY_PREFIX + target
 
 
 def hold_tag(target: str) -> str:

@@ -18,7 +18,7 @@ from harness.proc import wait_until
 from scenario import VMS_ROOT, guids, make_vms, node_env, replicate_json, snapshot_names, two_nodes
 
 from hoster_tasks import keys
-from hoster_tasks.zfs.ops import PARENT_PROPERTY, base_property
+from hoster_tasks.zfs.ops import PARENT_PROPERTY, base_property, hold_tag, sending_property
 
 
 def _receivers(copy: str) -> int:
@@ -58,6 +58,29 @@ def test_a_run_stopped_after_its_first_link_keeps_the_snapshot_it_sent(
     assert first in snapshot_names(vm)  # the replication base is spared, whatever keep says
     again = replicate_json(cli, "vm1", dst.name)
     assert again["action"] == "incremental"  # continued from the base, no full resend, no "diverged"
+    assert guids(copy) == guids(vm)
+
+
+def test_a_worker_killed_between_receive_and_recording_leaves_nothing_prunable(
+    node_factory, pool_factory, worker_factory, cli, app
+):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory, HOSTER_LOCK_LEASE_SECONDS=2)
+    vm, copy = psrc.ds(f"{VMS_ROOT}/vm1"), pdst.ds(f"{VMS_ROOT}/vm1")
+    for _ in range(3):
+        assert cli("snapshot", "new", "vm1", "--stype", "hourly").returncode == 0
+    first = snapshot_names(vm)[0]
+    link = app.send_task("hoster.replication.step", args=[None, vm, dst.name, None, "cut-chain", None],
+                         queue=keys.node_queue(src.name))
+    link.get(timeout=120)
+    # as if the worker had died the moment the receive ended: the base is neither recorded nor held yet, only
+    # marked by the step before it started sending
+    subprocess.run(["zfs", "inherit", base_property(dst.name), vm], check=True)
+    subprocess.run(["zfs", "release", hold_tag(dst.name), f"{vm}@{first}"], check=True)
+    assert hz.get_property(vm, sending_property(dst.name)) == str(guids(vm)[first])
+    time.sleep(3)
+    assert cli("snapshot", "all", "--stype", "hourly", "--keep", "1").returncode == 0
+    assert first in snapshot_names(vm)
+    assert replicate_json(cli, "vm1", dst.name)["action"] == "incremental"
     assert guids(copy) == guids(vm)
 
 

@@ -826,6 +826,17 @@ def test_replicate_many_end_to_end(world: World, real_redis: Any) -> None:
     }
     assert destructive(world.log) == []
     assert ["zfs", "set", f"hoster-tasks:parent={NODE}", T_VM3] in world.tgt.calls
+    # what each step sends is protected from retention before the send, its base recorded right after it
+    vm3 = [argv for host, argv in world.log if host in ("local", "pipeline") and VM3 in " ".join(argv)
+           and argv[1] in ("set", "send") and "-nP" not in argv]
+    assert vm3[:6] == [  # (the scripted host keeps no property it is given: finish then sets the base again)
+        ["zfs", "set", f"hoster-tasks:sending.{TARGET}={guid(VM3, H1)}", VM3],
+        ["zfs", "send", "-w", f"{VM3}@{H1}", "|", *receive_stage(T_VM3)],
+        ["zfs", "set", f"hoster-tasks:base.{TARGET}={guid(VM3, H1)}", VM3],
+        ["zfs", "set", f"hoster-tasks:sending.{TARGET}={guid(VM3, H3)}", VM3],
+        ["zfs", "send", "-w", "-I", f"{VM3}@{H1}", f"{VM3}@{H3}", "|", *receive_stage(T_VM3)],
+        ["zfs", "set", f"hoster-tasks:base.{TARGET}={guid(VM3, H3)}", VM3],
+    ]
     for ds in (VM1, WEB, VM3):
         assert real_redis.hget(keys.replication_state(NODE, ds, TARGET), "error") == b"0"
 
