@@ -19,14 +19,19 @@ from __future__ import annotations
 from celery import Celery, signals
 
 from hoster_tasks import keys
-from hoster_tasks.settings import get_settings
+from hoster_tasks.redis_conn import celery_urls
+from hoster_tasks.settings import Settings, get_settings
 
-TASK_MODULES = ["hoster_tasks.tasks.snapshot", "hoster_tasks.tasks.replication"]
+TASK_MODULES = ["hoster_tasks.tasks.snapshot", "hoster_tasks.tasks.replication", "hoster_tasks.tasks.restore"]
 
 
 def make_app() -> Celery:
     settings = get_settings()
-    app = Celery("hoster_tasks", broker=settings.redis_url, backend=settings.redis_url, include=TASK_MODULES)
+    # A sentinel:// redis_url: broker and backend use kombu's Sentinel transport on the same master that
+    # redis_conn resolves for the locks, the registry and the state.
+    redis = celery_urls(settings.redis_url)
+    transport = {"visibility_timeout": settings.visibility_timeout_seconds, **redis.transport_options}
+    app = Celery("hoster_tasks", broker=redis.url, backend=redis.url, include=TASK_MODULES)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -35,8 +40,8 @@ def make_app() -> Celery:
         task_acks_late=False,
         worker_prefetch_multiplier=1,
         worker_disable_prefetch=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -50,6 +55,7 @@ def make_app() -> Celery:
         # A warm shutdown (SIGTERM) waits for running replications, however long: the service units allow
         # for it. A cold shutdown (SIGINT/SIGQUIT) gets this much grace; cut transfers converge on re-run.
         worker_soft_shutdown_timeout=30.0,
+        **beat_config(settings),  # RedBeat: one firing beat, a standby may wait (hoster_tasks/beat.py)
     )
     try:
         from beat_schedule import build_beat_schedule
@@ -58,6 +64,22 @@ def make_app() -> Celery:
     except ImportError:  # a worker-only install may omit the schedule module
         pass
     return app
+
+
+BEAT_SCHEDULER = "hoster_tasks.beat:HosterScheduler"  # by name: only beat imports celery-redbeat
+
+
+def beat_config(settings: Settings) -> dict[str, object]:
+    """RedBeat's settings: its lock, its keys and its Redis, all from our settings."""
+    return {
+        "beat_scheduler": BEAT_SCHEDULER,
+        "beat_max_loop_interval": settings.beat_max_loop_seconds,
+        "redbeat_redis_url": settings.redis_url,  # explicit: RedBeat's fallback to broker_url is deprecated
+        "redbeat_redis_options": {"retry_period": settings.beat_redis_retry_seconds},
+        "redbeat_key_prefix": keys.BEAT_KEY_PREFIX,
+        "redbeat_lock_key": settings.beat_lock_key,
+        "redbeat_lock_timeout": int(settings.beat_lock_timeout_seconds),
+    }
 
 
 app = make_app()

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(zfs-fuse redis-server openssh-server pv mbuffer sanoid chromium iproute2 procps psmisc prometheus)
+packages=(zfs-fuse redis-server redis-sentinel openssh-server pv mbuffer sanoid chromium iproute2 procps psmisc prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
