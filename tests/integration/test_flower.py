@@ -4,6 +4,7 @@ its HTTP API behind basic auth, task progress events, and its tasks page in a he
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from harness.proc import free_port, stop_process, tail, wait_until
 from scenario import PROJECT_ROOT, VMS_ROOT, snapshot_names, two_nodes
 
 USER, PASSWORD = "ops", "fl0wer-pw"
+BROKEN_STDERR = "dataset does not exist"
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = PROJECT_ROOT / "artifacts"
 
@@ -59,7 +61,8 @@ def flower(redis_server, tmp_path) -> Iterator[Flower]:  # type: ignore[no-untyp
     """The real `hoster-tasks flower`, in the root namespace, on a free loopback port."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HOSTER_", "FLOWER_", "SENTRY_"))}
-    env.update(HOSTER_REDIS_URL=redis_server.url, PYTHONUNBUFFERED="1")
+    # this tree's package, whatever checkout `pip install -e` points at (Flower runs in tmp_path, not here)
+    env.update(HOSTER_REDIS_URL=redis_server.url, PYTHONUNBUFFERED="1", PYTHONPATH=str(PROJECT_ROOT))
     log = tmp_path / "flower.log"
     argv = [sys.executable, "-m", "hoster_tasks", "flower", "--port", str(port), "--address", "127.0.0.1",
             "--basic-auth", f"{USER}:{PASSWORD}"]
@@ -172,7 +175,8 @@ def test_flower_tasks_page_in_headless_chromium(
     src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory, broken_target=True)
     assert cli("snapshot", "new", "vm1").returncode == 0
     assert cli("vm", "replicate", "vm1", "--endpoint", "broken").returncode == 1
-    failed = flower.wait_task("the failed replication", lambda t: t.get("state") == "FAILURE")
+    failed = flower.wait_task("the failed replication link",
+                              lambda t: t.get("name") == "hoster.replication.step" and t.get("state") == "FAILURE")
 
     url = f"http://{USER}:{PASSWORD}@127.0.0.1:{flower.port}/tasks"
     ARTIFACTS.mkdir(exist_ok=True)
@@ -192,5 +196,14 @@ def test_flower_tasks_page_in_headless_chromium(
     assert 'id="tasks-table"' in html, html[:2000]
     assert failed["uuid"] in html, html[-3000:]
     assert "FAILURE" in html and "hoster.replication.step" in html
+    # the failed row names its VM and endpoint, and says what failed, without opening the task
+    row = re.search(rf'<tr[^>]*\bid="{failed["uuid"]}"[^>]*>(.*?)</tr>', html, re.DOTALL)
+    assert row, html[-3000:]
+    cells = re.sub(r"<[^>]+>", "|", row.group(1))
+    assert "vm1 → broken" in cells and psrc.ds(f"{VMS_ROOT}/vm1") in cells, cells
+    assert "FAILURE" in cells and "DatasetNotFound: cannot open" in cells and BROKEN_STDERR in cells, cells
+    assert "ssh -o" not in cells  # the argv is on the task's page, not in the row
+    headers = re.findall(r'<th[^>]*data-column="(\w+)"', html)
+    assert {"args", "kwargs", "result", "exception"} <= set(headers), headers
     assert screenshot.exists() and screenshot.stat().st_size > 10_000
     shutil.copy(screenshot, tmp_path / "flower-tasks.png")  # kept next to the test's other output too
