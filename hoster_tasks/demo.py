@@ -1,20 +1,25 @@
 """`make demo`: the whole system on a local sandbox, showing it working.
 
 Starts a private redis-server, zfs-fuse with a sandbox pool of three VM datasets and a backup pool, an sshd on
-127.0.0.1 as the replication target, a node worker and beat; then snapshots and replicates through the queue,
-waits for beat to fire, and prints Hoster's snapshot table and the status. Everything is removed at the end.
+127.0.0.1 as the replication target, a node worker, beat, Flower (basic auth) and the metrics exporter; then
+snapshots and replicates through the queue, fails one replication on purpose (a target whose dataset root is
+missing), waits for beat to fire, and prints Hoster's snapshot table, the status and some metrics. On a
+terminal it then waits for Enter, so Flower's tasks page can be looked at. Everything is removed at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -72,8 +77,9 @@ def _pings(client: object) -> bool:
 
 def start_zfs(stack: ExitStack) -> None:
     if subprocess.run(["pgrep", "-x", "zfs-fuse"], capture_output=True).returncode != 0:
-        subprocess.run(["zfs-fuse"], check=True)
-        stack.callback(lambda: subprocess.run(["pkill", "-x", "zfs-fuse"], check=False))
+        pidfile = SANDBOX / "zfs-fuse.pid"
+        subprocess.run(["zfs-fuse", "--pidfile", str(pidfile)], check=True)
+        stack.callback(_stop_pid, pidfile)  # the daemon we started, by its pid: never another's by name
     _wait("zfs-fuse", lambda: subprocess.run(["zpool", "list"], capture_output=True).returncode == 0)
     for pool in (POOL, BACKUP):
         image = SANDBOX / f"{pool}.img"
@@ -87,6 +93,13 @@ def start_zfs(stack: ExitStack) -> None:
         with open(SANDBOX / f"{POOL}-mnt" / "vm-encrypted" / vm / "disk0.img", "wb") as fh:
             fh.write(os.urandom(4 << 20))
     os.sync()
+
+
+def _stop_pid(pidfile: Path) -> None:
+    try:
+        os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass  # gone already, or it never wrote its pid
 
 
 def _destroy_pool(pool: str, image: Path) -> None:
@@ -128,6 +141,48 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as res:  # noqa: S310 - our own loopback URL
+            return bool(res.status == 200)
+    except OSError:  # refused, reset, or an HTTP error status (URLError and HTTPError are OSErrors)
+        return False
+
+
+def _spawn(stack: ExitStack, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
+    log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the stack
+    stack.callback(log.close)
+    proc = subprocess.Popen([sys.executable, "-m", "hoster_tasks", *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=SANDBOX)
+    stack.callback(proc.wait, 30)  # after terminate (callbacks run last-in, first-out)
+    stack.callback(proc.terminate)
+
+
+def start_flower_and_exporter(stack: ExitStack, env: dict[str, str], logs: Path) -> dict[str, str]:
+    """Flower with a fresh password (given through its environment, never a command line), and
+    `metrics --serve`; both on loopback ports."""
+    user, password = "demo", secrets.token_urlsafe(12)
+    flower_port, metrics_port = _free_port(), _free_port()
+    _spawn(stack, "flower", ["flower", "--port", str(flower_port), "--address", "127.0.0.1"],
+           {**env, "FLOWER_BASIC_AUTH": f"{user}:{password}"}, logs)
+    _spawn(stack, "metrics", ["metrics", "--serve", str(metrics_port)], env, logs)
+    flower, metrics = f"http://127.0.0.1:{flower_port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    _wait("flower", lambda: _answers(f"{flower}/healthcheck"))
+    _wait("the metrics exporter", lambda: _answers(metrics))
+    return {"flower": flower, "user": user, "password": password, "metrics": metrics}
+
+
+def _show_metrics(url: str) -> None:
+    per_vm = ("hoster_tasks_replication_error{", "hoster_tasks_replication_lag_seconds{",
+              "hoster_tasks_replication_bytes_remaining{")
+    print(f"$ curl {url}  (some of its lines)")
+    with urllib.request.urlopen(url, timeout=10) as res:  # noqa: S310 - our own loopback URL
+        text = res.read().decode()
+    for line in text.splitlines():
+        if (line.startswith(per_vm) and "web-01" in line) or line.startswith("hoster_tasks_node_up{"):
+            print(line)
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("demo: run as root (zfs-fuse, sshd)", file=sys.stderr)
@@ -139,10 +194,14 @@ def main() -> int:
         env["HOSTER_REDIS_URL"] = start_redis(stack)
         start_zfs(stack)
         target = start_sshd(stack)
+        # the same sshd, but a dataset root that does not exist there: every receive into it fails
+        broken = {**target, "name": "broken", "root_map": {ROOT: f"{BACKUP}/missing"}}
         env.update(
+            # this tree's package, whichever checkout `pip install -e` points at (the processes run in SANDBOX)
+            PYTHONPATH=str(Path(__file__).resolve().parents[1]),
             HOSTER_NODE_NAME="demo-node",
             HOSTER_DATASETS=json.dumps([ROOT]),
-            HOSTER_TARGETS=json.dumps([target]),
+            HOSTER_TARGETS=json.dumps([target, broken]),
             HOSTER_HEARTBEAT_SECONDS="1",
             HOSTER_ERROR_DIR=str(SANDBOX / "errors"),
             # demo schedule: a `frequent` snapshot and a replication every minute (UTC crontab)
@@ -151,14 +210,12 @@ def main() -> int:
         )
         logs = SANDBOX / "logs"
         logs.mkdir(exist_ok=True)
-        _step(f"starting the node worker and beat (logs in {logs})")
+        _step(f"starting the node worker, beat, Flower and the metrics exporter (logs in {logs})")
         for name, args in (("worker", ["worker", "-c", "2"]), ("beat", ["beat"])):
-            log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the stack
-            stack.callback(log.close)
-            proc = subprocess.Popen([sys.executable, "-m", "hoster_tasks", *args], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=SANDBOX)
-            stack.callback(proc.wait, 30)  # after terminate (callbacks run last-in, first-out)
-            stack.callback(proc.terminate)
+            _spawn(stack, name, args, env, logs)
+        web = start_flower_and_exporter(stack, env, logs)
+        print(f"Flower:  {web['flower']}/tasks  user {web['user']}  password {web['password']}", flush=True)
+        print(f"Metrics: {web['metrics']}", flush=True)
 
         def cli(*args: str, show: bool = True) -> str:
             print(f"$ hoster-tasks {' '.join(args)}", flush=True)
@@ -168,9 +225,9 @@ def main() -> int:
                 print(out.stdout + out.stderr, end="", flush=True)
             return out.stdout
 
-        import redis
+        from hoster_tasks.redis_conn import client_from_url
 
-        client = redis.Redis.from_url(env["HOSTER_REDIS_URL"])
+        client = client_from_url(env["HOSTER_REDIS_URL"])
         _wait("the worker to register", lambda: bool(client.exists("hoster:node:demo-node")))
         _step("snapshots through the queue")
         cli("snapshot", "new", "web-01")
@@ -179,12 +236,19 @@ def main() -> int:
         _step("replication: full then incremental in one request, over SSH with strict host keys")
         cli("vm", "replicate", "web-01", "--endpoint", "backup")
         cli("vm", "replicate-all", "--endpoint", "backup")
+        _step("a replication that fails: its error in the CLI, in status, in Flower's row and in the metrics")
+        cli("vm", "replicate", "web-01", "--endpoint", "broken")
         _step("waiting for beat's every-minute snapshot and replication (fires at the top of the minute)")
         _wait("beat", lambda: "frequent_" in cli("snapshot", "list", "db-01", "--json", show=False), timeout=90)
         time.sleep(3)
         _step("the result")
         cli("snapshot", "list-all")
         cli("status")
+        _show_metrics(web["metrics"])
+        print(f"\nFlower's tasks page: {web['flower']}/tasks (user {web['user']}, password {web['password']}); "
+              "the failed hoster.replication.step row names web-01 and broken.", flush=True)
+        if sys.stdin.isatty():
+            input("Press Enter to stop the demo and remove the sandbox. ")
     return 0
 
 

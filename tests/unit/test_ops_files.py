@@ -30,9 +30,10 @@ KNOWN_METRICS = frozenset({
     "hoster_tasks_last_snapshot_timestamp_seconds",
     "hoster_tasks_last_replication_success_timestamp_seconds",
     "hoster_tasks_replication_bytes_total",
-    "hoster_tasks_replication_duration_seconds",
+    "hoster_tasks_last_replication_duration_seconds",
     "hoster_tasks_replication_failures_total",
     "hoster_tasks_replication_lag_seconds",
+    "hoster_tasks_replication_bytes_remaining",
     "hoster_tasks_replication_error",
     "hoster_tasks_node_last_heartbeat_timestamp_seconds",
     "hoster_tasks_node_up",
@@ -276,6 +277,19 @@ def test_alerts_use_only_published_metrics(yaml: ModuleType) -> None:
             "hoster_tasks_last_snapshot_timestamp_seconds", "hoster_tasks_node_up"} <= used
 
 
+def test_published_metrics_are_what_the_exporter_writes_and_follow_the_conventions() -> None:
+    from hoster_tasks.observability.metrics import HELP
+
+    assert set(HELP) == KNOWN_METRICS
+    for name, (kind, _text) in HELP.items():
+        assert name.startswith("hoster_tasks_") and re.fullmatch(r"[a-z_]+", name), name
+        assert name.endswith("_total") == (kind == "counter"), name
+        if "timestamp" in name or "duration" in name or "lag" in name:
+            assert name.endswith("_seconds"), name  # base units: seconds, never minutes or ms
+        if "bytes" in name:
+            assert re.search(r"_bytes_(total|remaining)$", name), name
+
+
 def test_alert_lag_threshold_is_two_hours_for_fifteen_minutes(yaml: ModuleType) -> None:
     lag = [r for r in _rules(yaml) if "hoster_tasks_replication_lag_seconds" in r["expr"]]
     assert any(re.search(r">\s*(2\s*\*\s*3600|7200)\b", r["expr"]) and r["for"] == "15m" for r in lag)
@@ -394,8 +408,9 @@ def test_grafana_dashboard_uses_only_published_metrics() -> None:
             used |= names
     # lag, snapshot age, bytes, durations, failures, node up
     assert {"hoster_tasks_replication_lag_seconds", "hoster_tasks_last_snapshot_timestamp_seconds",
-            "hoster_tasks_replication_bytes_total", "hoster_tasks_replication_duration_seconds",
-            "hoster_tasks_replication_failures_total", "hoster_tasks_node_up"} <= used
+            "hoster_tasks_replication_bytes_total", "hoster_tasks_last_replication_duration_seconds",
+            "hoster_tasks_replication_failures_total", "hoster_tasks_node_up",
+            "hoster_tasks_replication_bytes_remaining"} <= used
     for var in dash["templating"]["list"]:
         query = var.get("query")
         query = query.get("query", "") if isinstance(query, dict) else query or ""
