@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shelve
 import subprocess
 import sys
 import time
@@ -27,17 +26,23 @@ from hoster_tasks.locks import DatasetLock, LockSpec
 TERMINAL = ("ok", "error")
 
 
-def _age_schedule(path: Path, name: str, task: str) -> None:
-    """Beat's schedule file as a previous run leaves it, the entry last run 5 minutes ago: a fresh beat runs
-    the overdue entry at once (its args and options come from the configured schedule)."""
-    import celery
-    from celery.beat import ScheduleEntry
+def _age_schedule(redis_url: str, name: str, task: str) -> None:
+    """Beat's schedule as a previous run leaves it in Redis (celery-redbeat), the entry last run 5 minutes
+    ago: a fresh beat runs the overdue entry at once (its args and options come from the configured
+    schedule; RedBeat keeps only last_run_at)."""
     from celery.schedules import crontab
+    from redbeat.decoder import RedBeatJSONEncoder
 
-    entry = ScheduleEntry(name=name, task=task, schedule=crontab(), total_run_count=1,
-                          last_run_at=datetime.now(UTC) - timedelta(minutes=5))
-    with shelve.open(str(path)) as db:
-        db.update({"entries": {name: entry}, "__version__": celery.__version__, "tz": "UTC", "utc_enabled": True})
+    from hoster_tasks import keys
+
+    definition = {"name": name, "task": task, "args": [], "kwargs": {}, "options": {}, "schedule": crontab(),
+                  "enabled": True}
+    meta = {"last_run_at": datetime.now(UTC) - timedelta(minutes=5)}
+    with redis_lib.Redis.from_url(redis_url) as client:
+        client.hset(f"{keys.BEAT_KEY_PREFIX}{name}", mapping={
+            "definition": json.dumps(definition, cls=RedBeatJSONEncoder),
+            "meta": json.dumps(meta, cls=RedBeatJSONEncoder),
+        })
 
 
 class Beat:
@@ -97,7 +102,7 @@ def beat(sentry_sink, redis_server, tmp_path, app) -> Iterator[Any]:  # type: ig
     def start(name: str, task: str, **env: str) -> Beat:
         workdir = tmp_path / f"beat-{len(started)}"
         workdir.mkdir()
-        _age_schedule(workdir / "celerybeat-schedule", name, task)
+        _age_schedule(redis_server.url, name, task)
         started.append(Beat(sentry_sink, app, workdir, {"HOSTER_REDIS_URL": redis_server.url,
                                                     "HOSTER_SENTRY_DSN": sentry_sink.dsn, **env}))
         return started[-1]
