@@ -12,6 +12,7 @@ from celery import signals
 from hoster_tasks import keys
 from hoster_tasks.jobs import reap_lost_jobs
 from hoster_tasks.nodes import Heartbeat, known_nodes
+from hoster_tasks.redis_conn import client_from_url
 from hoster_tasks.settings import Settings, get_settings
 from hoster_tasks.zfs.shell import shell_for
 
@@ -24,7 +25,7 @@ _reaper_stop = threading.Event()
 def _register(**_: object) -> None:
     global _heartbeat
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url)
+    client = client_from_url(settings.redis_url)
     _heartbeat = Heartbeat(client, settings, shell_for(None))
     _heartbeat.start()
     threading.Thread(target=_reap, args=(client, settings), name="job-reaper", daemon=True).start()

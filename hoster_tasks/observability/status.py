@@ -18,6 +18,7 @@ from hoster_tasks.cli.table import render
 from hoster_tasks.jobs import running_jobs
 from hoster_tasks.nodes import NodeInfo, known_nodes, live_nodes
 from hoster_tasks.observability import state
+from hoster_tasks.redis_conn import client_from_url
 from hoster_tasks.settings import Endpoint, Settings
 
 
@@ -49,7 +50,7 @@ def error_summary(text: str | None, width: int = 60) -> str:
 
 def collect_status(settings: Settings, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
-    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as client:
+    with client_from_url(settings.redis_url, socket_connect_timeout=5) as client:
         return _collect(client, now, settings.targets)
 
 

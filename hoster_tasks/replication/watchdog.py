@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from hoster_tasks.errors import HosterTasksError, LockLost, PipelinePermanent
+from hoster_tasks.redis_conn import client_from_url
 from hoster_tasks.replication.pdeathsig import die_with_parent
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ def main() -> int:
     spec = LeaseWatch(raw["redis_url"], tuple((k, v) for k, v in raw["locks"]), raw["lease"], raw["interval"])
     pgids = [int(p) for p in json.loads(groups)]
     timeout = max(min(spec.interval, 2.0), 0.2)  # a hung Redis must not hold the watchdog past a deadline
-    client = redis.Redis.from_url(spec.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    client = client_from_url(spec.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
 
     def poll() -> float | Lost:
         pipe = client.pipeline(transaction=True)
