@@ -7,7 +7,7 @@
     c.replicate("vm1", endpoint="hoster01", speed_limit=90).get()
 
 Public task names (stable): hoster.snapshot.take, .take_all, .fanout, .list, .destroy;
-hoster.replication.replicate, .replicate_all, .fanout. Arguments are checked first by the task's request
+hoster.replication.replicate, .replicate_all, .fanout, .retry_failed. Arguments are checked first by the task's request
 model (hoster_tasks.requests), the same one the worker checks them with. Each runs on the queue
 `hoster.node.<node>` of the node that holds the VM; the client finds that node in the node registry in Redis.
 """
@@ -16,19 +16,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.result import AsyncResult
 
 from hoster_tasks import keys
-from hoster_tasks.errors import NoLiveNode, ReadOnlyCopy, UnknownVM
+from hoster_tasks.errors import HosterTasksError, NoLiveNode, ReadOnlyCopy, UnknownVM
+from hoster_tasks.failed import FailedReplication, Retry, failed_replications
 from hoster_tasks.names import validate_node_name
 from hoster_tasks.nodes import NodeInfo, live_nodes, locate_vm
+from hoster_tasks.redis_conn import client_from_url
 from hoster_tasks.requests import (
+    ChangeParentRequest,
     DestroyRequest,
     ListRequest,
     ReplicateAllRequest,
     ReplicateRequest,
+    RetryFailedRequest,
+    RollbackRequest,
     TakeAllRequest,
     TakeRequest,
 )
@@ -40,6 +44,8 @@ LIST = ListRequest.task_name
 DESTROY = DestroyRequest.task_name
 REPLICATE = ReplicateRequest.task_name
 REPLICATE_ALL = ReplicateAllRequest.task_name
+ROLLBACK = RollbackRequest.task_name
+CHANGE_PARENT = ChangeParentRequest.task_name
 
 
 class Client:
@@ -53,7 +59,7 @@ class Client:
 
             app = default_app
         self.app = app
-        self.redis = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5)
+        self.redis = client_from_url(self.settings.redis_url, socket_connect_timeout=5)
 
     def _send(self, name: str, node: str, *args: Any, **kwargs: Any) -> AsyncResult:
         return self.app.send_task(name, args=list(args), kwargs=kwargs, queue=keys.node_queue(node))
@@ -87,6 +93,21 @@ class Client:
         owner = owner_of_dataset(self.nodes(), req.snapshot.split("@")[0])
         return self._send(DESTROY, owner.name, req.snapshot)
 
+    def change_parent(self, vm: str, node: str, start: bool = False) -> AsyncResult:
+        """Failover: the copy of `vm` on `node` becomes the VM (run where the copy is)."""
+        req = ChangeParentRequest.of(vm=vm, start=start)
+        holder = next((n for n in self.nodes() if n.name == validate_node_name(node)), None)
+        if holder is None or not any(v.name == req.vm for v in holder.vms):
+            raise UnknownVM(f"node {node} is not live or holds no copy of VM {req.vm}")
+        return self._send(CHANGE_PARENT, holder.name, req.vm, start=req.start)
+
+    def rollback(self, vm: str, snapshot: str, **flags: Any) -> AsyncResult:
+        """Roll `vm` back to `snapshot`: flags force_stop, force_start, destroy_base, keep_newer, dry_run,
+        expect_destroyed (the list a dry run showed and the user agreed to)."""
+        req = RollbackRequest.of(vm=vm, snapshot=snapshot, **flags)
+        node, _ = locate_vm(self.redis, req.vm)
+        return self._send(ROLLBACK, node.name, **req.model_dump(exclude={"first_try"}))
+
     def replicate(self, vm: str, endpoint: str, speed_limit: float | None = None) -> AsyncResult:
         req = ReplicateRequest.of(vm=vm, endpoint=endpoint, speed_limit=speed_limit)
         node, _ = locate_vm(self.redis, req.vm)
@@ -113,6 +134,22 @@ class Client:
                           script_name=req.script_name)
             for n in names
         }
+
+    def failed_replications(self, endpoint: str | None = None, vm: str | None = None) -> list[FailedReplication]:
+        """Every (node, VM, endpoint) whose last replication failed: error, since when, attempts."""
+        req = RetryFailedRequest.of(endpoint=endpoint, vm=vm)
+        return failed_replications(self.redis, req.endpoint, req.vm)
+
+    def retry_failed(self, endpoint: str | None = None, vm: str | None = None) -> list[Retry]:
+        """`replicate` again, on its owning node, for each failed replication; one whose node is down (or whose
+        VM or endpoint is gone) is skipped with the reason, the others are still queued."""
+        out = []
+        for row in self.failed_replications(endpoint, vm):
+            try:
+                out.append(Retry(row, self.replicate(row.vm, row.endpoint)))
+            except HosterTasksError as exc:
+                out.append(Retry(row, None, str(exc)))
+        return out
 
 
 def owner_of_dataset(nodes: list[NodeInfo], dataset: str) -> NodeInfo:

@@ -96,9 +96,9 @@ def safe_url(url: str) -> str:
 
 
 def _redis(settings: Settings) -> str:
-    import redis
+    from hoster_tasks.redis_conn import redis_client
 
-    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3) as client:
+    with redis_client(settings, socket_connect_timeout=3, socket_timeout=3) as client:
         info = client.info("server")
     return f"{safe_url(settings.redis_url)}: redis {info.get('redis_version', '?')}"
 

@@ -191,3 +191,12 @@ class ReadOnlyCopy(Permanent):
 class ReceiveInProgress(Busy):
     """A `zfs receive` into the target dataset is running on the target (a transfer that outlived its worker's
     lease, or another tool's): retried later, never taken for a diverged copy."""
+
+
+class VmControlError(Permanent):
+    """A VM could not be stopped or started (or not confirmed stopped in time)."""
+
+
+class RollbackRefused(Permanent):
+    """A rollback that would do more than the user agreed to (a running VM, a replication base, a changed
+    list of snapshots to destroy): nothing was changed."""

@@ -27,9 +27,19 @@ def dataset_lock(node_name: str, dataset: str) -> str:
     return f"{PREFIX}:lock:{node_name}:{dataset}"
 
 
-def lock_fence(node_name: str, dataset: str) -> str:
+def snapshot_lock(node_name: str, dataset: str) -> str:
+    """Held while snapshots of the dataset are taken, and through a rollback (locks.LockSpec.kind)."""
+    return f"{PREFIX}:snaplock:{node_name}:{dataset}"
+
+
+def lock_key(kind: str, node_name: str, dataset: str) -> str:
+    return snapshot_lock(node_name, dataset) if kind == "snapshot" else dataset_lock(node_name, dataset)
+
+
+def lock_fence(node_name: str, dataset: str, kind: str = "dataset") -> str:
     """Counter INCRed on every acquire: a fencing token for destructive steps."""
-    return f"{PREFIX}:fence:{node_name}:{dataset}"
+    name = "fence" if kind == "dataset" else f"fence-{kind}"
+    return f"{PREFIX}:{name}:{node_name}:{dataset}"
 
 
 def dataset_state(node_name: str, dataset: str) -> str:
@@ -107,3 +117,25 @@ def replication_member(dataset: str, target: str) -> str:
 def parse_replication_member(member: str) -> tuple[str, str]:
     dataset, _, target = member.partition("\t")
     return dataset, target
+
+
+NODES_SEEN = f"{PREFIX}:nodes:seen"  # sorted set: node name scored by its last heartbeat (outlives the node key)
+
+
+def node_keys(name: str) -> list[str]:
+    """The registry and per-node index keys `node forget` removes (with the state hashes the indexes name)."""
+    return [node(name), running_jobs(name), dataset_state_index(name), replication_state_index(name)]
+
+
+# Beat (celery-redbeat). RedBeat names its own keys from this prefix: `<prefix><entry name>` per entry,
+# `<prefix>:schedule` and `<prefix>:statics`. The lock starts with the prefix, so RedBeat takes it as is
+# (no entry is named "lock": entries are snapshot-<name> and replicate-<name>).
+BEAT_KEY_PREFIX = f"{PREFIX}:beat:"
+BEAT_LOCK = f"{BEAT_KEY_PREFIX}lock"  # held by the beat that fires; a standby waits for it
+BEAT_MISSED = f"{PREFIX}:beat-missed"  # hash entry name -> slots no beat fired (counted when it next fires)
+
+
+def vm_owner(vm_name: str) -> str:
+    """Hash {parent, previous, at}: written by `vm change-parent` (a failover). The previous parent reads it
+    to know its own copy is stale (hoster_tasks/failover.py)."""
+    return f"{PREFIX}:vm-owner:{vm_name}"

@@ -43,6 +43,10 @@ class LockSpec:
     dataset: str
     lease: float = 60.0
     wait: float = 30.0
+    # "dataset": held by whatever sends, destroys or rolls back; "snapshot": held while snapshots are taken
+    # and by a rollback (which also holds "dataset"), so a snapshot runs beside a replication, never inside
+    # a rollback
+    kind: str = "dataset"
 
 
 def _nonce() -> str:
@@ -66,11 +70,11 @@ class DatasetLock:
 
     @property
     def key(self) -> str:
-        return keys.dataset_lock(self.spec.node, self.spec.dataset)
+        return keys.lock_key(self.spec.kind, self.spec.node, self.spec.dataset)
 
     @property
     def _fence_key(self) -> str:
-        return keys.lock_fence(self.spec.node, self.spec.dataset)
+        return keys.lock_fence(self.spec.node, self.spec.dataset, self.spec.kind)
 
     def _own_value(self) -> str:
         return f"{self.chain}:{_nonce()}" if self.chain else _nonce()

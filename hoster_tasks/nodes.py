@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import redis
 from redis.typing import EncodableT, FieldT
 
-from hoster_tasks import keys
-from hoster_tasks.errors import NoLiveNode, UnknownVM
+from hoster_tasks import __version__, keys
+from hoster_tasks.errors import NoLiveNode, ReadOnlyCopy, UnknownVM
+from hoster_tasks.hoster_config import is_this_host, parent_host
 from hoster_tasks.names import validate_vm, vm_of
 from hoster_tasks.settings import Settings
 from hoster_tasks.zfs import ops
@@ -41,17 +43,28 @@ class NodeInfo:
 
 
 def inventory(shell: Shell, settings: Settings) -> list[VmInfo]:
-    """The VM datasets under the configured roots, with their parent node (one batched property read)."""
+    """The VM datasets under the configured roots, with their parent node (one batched property read):
+    `hoster-tasks:parent`, else Hoster's `parent_host` in the VM's vm_config.json, else this node."""
     datasets = ops.child_datasets(shell, settings.datasets, settings.zfs_command)
-    props = ops.get_properties(shell, datasets, [ops.PARENT_PROPERTY], zfs=settings.zfs_command)
+    props = ops.get_properties(shell, datasets, [ops.PARENT_PROPERTY, "mountpoint"], zfs=settings.zfs_command)
     out = []
     for ds in datasets:
         vm = vm_of(ds, settings.datasets)
         if vm is None:
             continue
-        parent = props.get(ds, {}).get(ops.PARENT_PROPERTY, "-")
-        out.append(VmInfo(vm, ds, settings.node_name if parent in ("-", "") else parent))
+        found = props.get(ds, {})
+        out.append(VmInfo(vm, ds, _parent(found.get(ops.PARENT_PROPERTY, "-"), found.get("mountpoint", "-"),
+                                          settings.node_name)))
     return out
+
+
+def _parent(recorded: str, mountpoint: str, node_name: str) -> str:
+    if recorded not in ("-", ""):
+        return recorded
+    hoster_parent = parent_host(mountpoint)
+    if hoster_parent is None or is_this_host(hoster_parent, node_name):
+        return node_name
+    return hoster_parent
 
 
 def publish(client: redis.Redis, settings: Settings, vms: list[VmInfo], now: float) -> None:
@@ -63,11 +76,14 @@ def publish(client: redis.Redis, settings: Settings, vms: list[VmInfo], now: flo
         "vms": json.dumps([v.__dict__ for v in vms]),
         "datasets": json.dumps(settings.datasets),
         "endpoints": json.dumps(sorted({x for t in settings.targets for x in (t.name, t.host)})),
+        "targets": json.dumps([t.name for t in settings.targets]),
+        "version": __version__,
     }
     pipe = client.pipeline()
     pipe.hset(key, mapping=payload)
     pipe.expire(key, ttl)
     pipe.sadd(keys.NODES_SET, settings.node_name)
+    pipe.zadd(keys.NODES_SEEN, {settings.node_name: now})  # "last seen" outlives the node key (`node list`)
     pipe.execute()
 
 
@@ -107,7 +123,32 @@ def locate_vm(client: redis.Redis, vm: str) -> tuple[NodeInfo, VmInfo]:
         for info in node.vms:
             if info.name == vm and info.parent == node.name:
                 return node, info
+    for node in nodes:
+        for info in node.vms:
+            if info.name == vm:
+                raise ReadOnlyCopy(f"VM {vm} on {node.name} is a backup copy of node {info.parent!r}'s VM; "
+                                   f"node {info.parent} is not live here: nothing changes a copy")
     raise UnknownVM(f"unknown VM {vm!r}: no live node holds it (nodes: {', '.join(n.name for n in nodes)})")
+
+
+def record_owner(client: redis.Redis, vm_name: str, parent: str, previous: str) -> None:
+    client.hset(keys.vm_owner(vm_name), mapping={"parent": parent, "previous": previous, "at": str(time.time())})
+
+
+def superseded(client: redis.Redis, node_name: str, vms: Sequence[VmInfo]) -> dict[str, str]:
+    """This node's own VMs that another node took over (a failover while this node was away): VM -> its new
+    parent. Matched by the record the new parent wrote naming this node as the previous one."""
+    own = [v for v in vms if v.parent == node_name]
+    if not own:
+        return {}
+    pipe = client.pipeline()
+    for v in own:
+        pipe.hmget(keys.vm_owner(v.name), ["parent", "previous"])
+    out = {}
+    for v, (parent, previous) in zip(own, pipe.execute(), strict=True):
+        if parent and previous and previous.decode() == node_name and parent.decode() != node_name:
+            out[v.name] = parent.decode()
+    return out
 
 
 class Heartbeat:
@@ -119,7 +160,10 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="node-heartbeat", daemon=True)
 
     def beat_once(self) -> None:
-        publish(self.client, self.settings, inventory(self.shell, self.settings), time.time())
+        vms = inventory(self.shell, self.settings)
+        stale = superseded(self.client, self.settings.node_name, vms)  # taken over while this node was away
+        vms = [replace(v, parent=stale[v.name]) if v.name in stale else v for v in vms]
+        publish(self.client, self.settings, vms, time.time())
         if self.settings.metrics_textfile is not None:  # keeps lag and node_up fresh between jobs
             from hoster_tasks.observability.metrics import collect_metrics, write_textfile
 

@@ -92,6 +92,15 @@ def _snapshot_value(full: str) -> str:
     return full
 
 
+def _snapshot_or_short(name: str) -> str:
+    """dataset@name, or the name alone (a VM's own snapshot)."""
+    if "@" in name:
+        validate_snapshot(name)
+    else:
+        validate_snapshot_name(name)
+    return name
+
+
 VmName = Annotated[str, StringConstraints(max_length=200), AfterValidator(validate_vm)]
 DatasetName = Annotated[str, StringConstraints(max_length=MAX_NAME), AfterValidator(validate_dataset)]
 SnapshotRef = Annotated[str, StringConstraints(max_length=MAX_NAME), AfterValidator(_snapshot_value)]
@@ -99,6 +108,8 @@ Stype = Annotated[str, StringConstraints(max_length=32), AfterValidator(validate
 Keep = Annotated[int, AfterValidator(keep_value)]
 SpeedLimit = Annotated[float, AfterValidator(speed_limit_value)]
 FirstTry = Annotated[float, AfterValidator(first_try_value)]
+# A beat fan-out's cron tick (unix seconds, a whole minute, 2000..2100): names the slot's snapshots (beat.py).
+Slot = Annotated[int, Field(ge=946_684_800, le=4_102_444_800, multiple_of=60)]
 EndpointRef = Annotated[str, StringConstraints(max_length=MAX_ENDPOINT), AfterValidator(endpoint_value)]
 ScriptName = Annotated[str, StringConstraints(max_length=63), AfterValidator(validate_node_name)]
 # `vms=[]` would mean "every VM" to replicate_all: refused, null says that.
@@ -254,6 +265,7 @@ class TakeAllRequest(TaskRequest):
     keep: Keep
     only: DatasetList | None = None  # datasets, set by the task's own busy retries
     first_try: FirstTry | None = None
+    slot: Slot | None = None  # the beat slot: one snapshot per (dataset, type, slot)
 
 
 class ListRequest(TaskRequest):
@@ -274,6 +286,7 @@ class SnapshotFanoutRequest(TaskRequest):
 
     stype: Stype
     keep: Keep
+    slot: Slot | None = None  # set by beat (hoster_tasks/beat.py)
 
 
 class ReplicateRequest(TaskRequest):
@@ -307,6 +320,15 @@ class ReplicationFanoutRequest(TaskRequest):
     endpoint: EndpointRef
     speed_limit: SpeedLimit | None = None
     script_name: ScriptName | None = None
+
+
+class RetryFailedRequest(TaskRequest):
+    """Runs on the control queue: each failed replication is re-sent to its owning node."""
+
+    task_name: ClassVar[str] = "hoster.replication.retry_failed"
+
+    endpoint: EndpointRef | None = None  # a target's configured name
+    vm: VmName | None = None
 
 
 # --- the links of a replicate chain (sent by `replicate`, but anyone on the broker can send them too) --------
@@ -377,8 +399,30 @@ class ChainFailedRequest(TaskRequest):
     endpoint: EndpointRef
 
 
+class RollbackRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.snapshot.rollback"
+
+    vm: VmName
+    snapshot: Annotated[str, StringConstraints(max_length=MAX_NAME), AfterValidator(_snapshot_or_short)]
+    force_stop: bool = False
+    force_start: bool = False
+    destroy_base: bool = False
+    keep_newer: bool = False
+    dry_run: bool = False
+    expect_destroyed: Annotated[list[ShortSnapshot], Field(max_length=MAX_ITEMS)] | None = None
+    first_try: FirstTry | None = None
+
+
+class ChangeParentRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.vm.change_parent"
+
+    vm: VmName
+    start: bool = False
+
+
 PUBLIC_REQUESTS: dict[str, type[TaskRequest]] = {
     m.task_name: m
     for m in (TakeRequest, TakeAllRequest, ListRequest, DestroyRequest, SnapshotFanoutRequest, ReplicateRequest,
-              ReplicateAllRequest, ReplicationFanoutRequest, StepRequest, FinishRequest, ChainFailedRequest)
+              ReplicateAllRequest, ReplicationFanoutRequest, StepRequest, FinishRequest, ChainFailedRequest,
+              RollbackRequest, ChangeParentRequest, RetryFailedRequest)
 }

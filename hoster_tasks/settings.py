@@ -10,13 +10,15 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from hoster_tasks.errors import ConfigError
+from hoster_tasks.keys import BEAT_LOCK
 from hoster_tasks.names import SNAPSHOT_TYPES, validate_dataset, validate_node_name
+from hoster_tasks.redis_conn import check_url
 
 
 class Endpoint(BaseModel, frozen=True):
@@ -140,6 +142,32 @@ class Settings(BaseSettings):
     sentry_environment: str = "production"
     sentry_release: str | None = None
     task_wait_seconds: float = 3600.0
+    # Beat (celery-redbeat, hoster_tasks/beat.py): the firing beat extends its lock every loop (at most
+    # beat_max_loop_seconds apart); a standby takes over at most beat_lock_timeout_seconds after it died.
+    beat_max_loop_seconds: float = 5.0
+    beat_lock_timeout_seconds: float = 30.0
+    beat_lock_key: str = BEAT_LOCK
+    beat_redis_retry_seconds: float = 300.0  # beat retries Redis this long (a failover) before it exits
+    # Stopping and starting VMs (rollback --force-stop/--force-start): "hoster" runs these argv templates
+    # ({vm} is the VM name); "file" keeps VM states in vm_state_file (tests, the sandbox: no bhyve there).
+    vm_control: Literal["hoster", "file"] = "hoster"
+    vm_state_file: Path | None = None
+    vm_stop_command: list[str] = Field(default_factory=lambda: ["hoster", "vm", "stop", "{vm}"])
+    vm_start_command: list[str] = Field(default_factory=lambda: ["hoster", "vm", "start", "{vm}"])
+    vm_running_command: list[str] = Field(default_factory=lambda: ["test", "-e", "/dev/vmm/{vm}"])  # exit 0: runs
+    vm_stop_timeout_seconds: float = 120.0
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        return check_url(v)  # a sentinel:// URL names its sentinels and master (redis_conn.py)
+
+    @model_validator(mode="after")
+    def _beat_lock_outlives_loop(self) -> Settings:
+        if self.beat_max_loop_seconds <= 0 or self.beat_lock_timeout_seconds < 3 * self.beat_max_loop_seconds:
+            raise ValueError("beat_lock_timeout_seconds must be at least 3 x beat_max_loop_seconds (> 0): the "
+                             "firing beat extends its lock once a loop, and a lapsed lock lets a second beat fire")
+        return self
 
     @field_validator("datasets")
     @classmethod

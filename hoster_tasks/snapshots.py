@@ -7,10 +7,11 @@ deferred, and the replication runs it when it has recorded its base (`run_deferr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -38,12 +39,13 @@ class NodeContext:
     def zfs(self) -> str:
         return self.settings.zfs_command
 
-    def lock(self, dataset: str, wait: float | None = None) -> DatasetLock:
+    def lock(self, dataset: str, wait: float | None = None, kind: str = "dataset") -> DatasetLock:
         spec = LockSpec(
             self.settings.node_name,
             dataset,
             lease=self.settings.lock_lease_seconds,
             wait=self.settings.lock_attempt_seconds if wait is None else wait,
+            kind=kind,
         )
         return DatasetLock(self.redis, spec)
 
@@ -65,12 +67,15 @@ PRUNE_LOCK_WAIT = 0.2  # pruning does not wait for a replication: it is deferred
 NAME_ATTEMPTS = 5  # same-second snapshots of concurrent jobs: the next free name is tried
 
 
-def _lock_free(ctx: NodeContext, stack: ExitStack, datasets: Sequence[str]) -> dict[str, DatasetLock]:
-    """Lock whichever of the datasets are free right now (sorted order); the busy ones are left out."""
+def _lock_free(
+    ctx: NodeContext, stack: ExitStack, datasets: Sequence[str], kind: str = "dataset", wait: float = PRUNE_LOCK_WAIT
+) -> dict[str, DatasetLock]:
+    """Lock whichever of the datasets are free within `wait` (sorted order); the busy ones are left out."""
+    deadline = time.monotonic() + wait
     locks = {}
     for ds in sorted(datasets):
         try:
-            locks[ds] = stack.enter_context(ctx.lock(ds, wait=PRUNE_LOCK_WAIT))
+            locks[ds] = stack.enter_context(ctx.lock(ds, wait=max(deadline - time.monotonic(), 0.05), kind=kind))
         except Busy:
             continue
     return locks
@@ -97,7 +102,29 @@ def prune(
     return destroyed, spared
 
 
-def _snapshot_now(ctx: NodeContext, datasets: Sequence[str], stype: str, now: datetime) -> list[str]:
+def _snapshot_slot(ctx: NodeContext, datasets: Sequence[str], stype: str, slot: int) -> list[str]:
+    """At most one snapshot per (dataset, type, beat slot), however many fan-outs of the slot arrive: it is
+    named after the slot's tick, so ZFS itself refuses a second one. No Redis marker: ZFS is the record,
+    it cannot outlive a failed snapshot, and it survives a Redis failover. Returns what this call took."""
+    short = make_snapshot_name(stype, datetime.fromtimestamp(slot, UTC))
+    for attempt in range(NAME_ATTEMPTS):
+        listed = ops.list_snapshots(ctx.shell, datasets, ctx.caps, ctx.zfs)
+        todo = [ds for ds in datasets if all(s.name != short for s in listed.get(ds, []))]
+        if not todo:
+            return []
+        try:
+            return ops.take_snapshots(ctx.shell, todo, short, ctx.caps, ctx.zfs)
+        except SnapshotExists:  # a concurrent job of the same slot took some: snapshot the rest
+            if attempt == NAME_ATTEMPTS - 1:
+                raise
+    return []
+
+
+def _snapshot_now(
+    ctx: NodeContext, datasets: Sequence[str], stype: str, now: datetime, slot: int | None = None
+) -> list[str]:
+    if slot is not None:
+        return _snapshot_slot(ctx, datasets, stype, slot)
     existing = {s.name for snaps in ops.list_snapshots(ctx.shell, datasets, ctx.caps, ctx.zfs).values()
                 for s in snaps}
     for attempt in range(NAME_ATTEMPTS):
@@ -112,27 +139,33 @@ def _snapshot_now(ctx: NodeContext, datasets: Sequence[str], stype: str, now: da
 
 
 def take(
-    ctx: NodeContext, datasets: Sequence[str], stype: str, keep: int | None, now: datetime
+    ctx: NodeContext, datasets: Sequence[str], stype: str, keep: int | None, now: datetime,
+    slot: int | None = None,
 ) -> dict[str, Any]:
     """Snapshot the datasets at once (atomically where the host can), then apply retention for `stype`
     where the dataset is free; a replicating dataset's pruning is deferred (reported in `deferred`)."""
     validate_stype(stype)
     if keep is not None:
         check_keep(keep)
-    taken = _snapshot_now(ctx, datasets, stype, now) if datasets else []
+    with ExitStack() as stack:  # snapshot locks: only a rollback holds them for long
+        free = _lock_free(ctx, stack, datasets, kind="snapshot", wait=ctx.settings.lock_attempt_seconds)
+        taken = _snapshot_now(ctx, sorted(free), stype, now, slot) if free else []
     record_snapshots(ctx, taken, now)
+    rolling_back = [ds for ds in datasets if ds not in free]
     destroyed: list[str] = []
     spared: list[str] = []
     deferred: list[str] = []
     if keep is not None and datasets:
         with ExitStack() as stack:
-            locks = _lock_free(ctx, stack, datasets)
-            deferred = [ds for ds in datasets if ds not in locks]
+            locks = _lock_free(ctx, stack, sorted(free))
+            deferred = [ds for ds in sorted(free) if ds not in locks]
             defer_prune(ctx, deferred, stype, keep)
             if locks:
-                free = sorted(locks)
-                after = ops.list_snapshots(ctx.shell, free, ctx.caps, ctx.zfs)
-                destroyed, spared = prune(ctx, after, stype, keep, replication_bases(ctx, free), locks)
+                now_free = sorted(locks)
+                after = ops.list_snapshots(ctx.shell, now_free, ctx.caps, ctx.zfs)
+                destroyed, spared = prune(ctx, after, stype, keep, replication_bases(ctx, now_free), locks)
+    if rolling_back:  # the task retries these alone, up to lock_wait_seconds
+        raise Busy(f"busy: a rollback holds {', '.join(rolling_back)}", rolling_back, taken)
     return {"taken": taken, "destroyed": destroyed, "spared": spared, "deferred": deferred}
 
 

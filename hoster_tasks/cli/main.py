@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hoster_tasks.cli import fleet
 from hoster_tasks.names import SNAPSHOT_TYPES
 from hoster_tasks.requests import keep_value, speed_limit_value
 
@@ -69,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = snap.add_parser("destroy", help="destroy one snapshot (dataset@name)")
     p.add_argument("snapshot")
     _add_wait(p)
+    p = snap.add_parser("rollback", help="roll a VM back to a snapshot: every newer snapshot is destroyed")
+    p.add_argument("vm")
+    p.add_argument("snapshot", help="its name, or dataset@name")
+    p.add_argument("--force-stop", action="store_true", help="stop a running VM first (confirmed stopped)")
+    p.add_argument("--force-start", action="store_true", help="start the VM afterwards, even if the rollback fails")
+    p.add_argument("--destroy-base", action="store_true", help="allow destroying a replication base")
+    p.add_argument("--keep-newer", action="store_true", help="first copy the VM as it is now into <vm>-kept-<time>")
+    p.add_argument("--yes", action="store_true", help="do not ask before destroying")
+    _add_wait(p)
 
     vm = sub.add_parser("vm", help="replication").add_subparsers(dest="cmd", required=True)
     p = vm.add_parser("replicate", help="replicate one VM to an endpoint (full, then incremental)")
@@ -83,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--script-name", help="names the ERROR_<name> file (as in Hoster's scripts)")
     p.add_argument("--node", help="only this node")
     _add_wait(p)
+    p = vm.add_parser("change-parent", help="failover: make the copy on this node (or --node) the VM")
+    p.add_argument("vm")
+    p.add_argument("--node", help="the node holding the copy (default: this node)")
+    p.add_argument("--start", action="store_true", help="start the VM there afterwards")
+    _add_wait(p)
+
+    fleet.add_commands(sub, vm, _add_wait)  # vm failed, vm retry, node list/forget, config check
 
     p = sub.add_parser("worker", help="run this node's Celery worker")
     p.add_argument("-c", "--concurrency", type=int, default=4)
@@ -96,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="nodes, VMs, lag, running jobs, locks, last errors")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("metrics", help="print Prometheus metrics, or write a node_exporter textfile")
-    p.add_argument("--textfile", help="write atomically to this path instead of stdout")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--textfile", help="write atomically to this path instead of stdout")
+    out.add_argument("--serve", type=int, metavar="PORT", help="serve /metrics over HTTP on PORT for Prometheus")
+    p.add_argument("--address", default="127.0.0.1", help="with --serve: the address to listen on")
     return parser
 
 
@@ -121,10 +141,35 @@ def _summary(result: dict[str, Any]) -> str:
     return "\n".join(lines) or "nothing to do"
 
 
+def _rollback(client: Any, args: argparse.Namespace, timeout: float) -> int:
+    """Show exactly what the rollback destroys, ask (unless --yes), then run it with that list agreed."""
+    from hoster_tasks.cli.progress import rollback_plan, rollback_summary
+
+    flags = {"force_stop": args.force_stop, "force_start": args.force_start, "destroy_base": args.destroy_base,
+             "keep_newer": args.keep_newer}
+    plan = client.rollback(args.vm, args.snapshot, dry_run=True, **flags).get(timeout=timeout)
+    print(rollback_plan(plan), file=sys.stderr)
+    if plan["destroys"] and not args.yes:
+        if not sys.stdin.isatty():
+            print("hoster-tasks: error: not confirmed (no terminal to ask on): give --yes", file=sys.stderr)
+            return EXIT_ERROR
+        if input("Roll back and destroy them? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing was changed", file=sys.stderr)
+            return EXIT_ERROR
+    out = _wait(client.rollback(args.vm, args.snapshot, expect_destroyed=plan["destroys"], **flags), args, timeout)
+    if out is not None:
+        _print(out, args.json, rollback_summary)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads best here
     from hoster_tasks.settings import get_settings
 
+    if args.group == "config":  # reports invalid settings as one of its checks: before they are loaded
+        return fleet.config_check(args)
     settings = get_settings()
+    if fleet.handles(args):
+        return fleet.run(args, settings)
     if args.group == "worker":
         from hoster_tasks.worker import run_worker
 
@@ -145,8 +190,10 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads 
         _print(collect_status(settings), args.json, render_status)
         return 0
     if args.group == "metrics":
-        from hoster_tasks.observability.metrics import collect_metrics, write_textfile
+        from hoster_tasks.observability.metrics import collect_metrics, serve_metrics, write_textfile
 
+        if args.serve is not None:
+            return serve_metrics(settings, args.address, args.serve)
         text = collect_metrics(settings)
         if args.textfile:
             write_textfile(args.textfile, text)
@@ -178,6 +225,8 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads 
             out = _wait(client.destroy(args.snapshot), args, timeout)
             if out is not None:
                 _print(out, args.json, lambda o: o.get("note") or f"destroyed: {o['destroyed']}")
+        elif args.cmd == "rollback":
+            return _rollback(client, args, timeout)
         return 0
     if args.group == "vm":
         from hoster_tasks.cli.progress import replication_summary
@@ -186,6 +235,12 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads 
             out = _wait(client.replicate(args.vm, args.endpoint, args.speed_limit), args, timeout)
             if out is not None:
                 _print(out, args.json, replication_summary)
+        elif args.cmd == "change-parent":
+            out = _wait(client.change_parent(args.vm, args.node or settings.node_name, args.start), args, timeout)
+            if out is not None:
+                _print(out, args.json, lambda o: f"{o['vm']}: parent is now {o['parent']}"
+                       + (f" (was {o['previous']})" if o.get("changed") else " (already)")
+                       + ("; started" if o.get("started") else ""))
         else:
             # `--filter ,` names no VM: [] reaches the request model, which refuses it (it is not "every VM")
             vms = [v.strip() for v in args.filter.split(",") if v.strip()] if args.filter is not None else None

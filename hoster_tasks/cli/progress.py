@@ -32,13 +32,12 @@ def _worker_lost(result: Any) -> bool:
 def lost_job_follower(app: Any) -> Callable[[str], str | None]:
     """task id -> the id of the job that re-runs it, if its worker died. Reaps too, so a lost job is found
     even when no other worker is alive to notice."""
-    import redis
-
     from hoster_tasks.jobs import reap_lost_jobs, requeued_as
     from hoster_tasks.nodes import known_nodes
+    from hoster_tasks.redis_conn import client_from_url
     from hoster_tasks.settings import get_settings
 
-    client = redis.Redis.from_url(get_settings().redis_url, socket_connect_timeout=5)
+    client = client_from_url(get_settings().redis_url, socket_connect_timeout=5)
 
     def follow(task_id: str) -> str | None:
         reap_lost_jobs(client, app, known_nodes(client))
@@ -103,3 +102,23 @@ def replication_summary(result: dict[str, Any]) -> str:
     lines += [f"skipped {s}" for s in result.get("skipped", [])]
     lines += [f"FAILED {f}" for f in result.get("failed", [])]
     return "\n".join(lines) or "nothing to do"
+
+
+def rollback_plan(plan: dict[str, Any]) -> str:
+    head = f"rolling {plan['vm']} back to {plan['snapshot']}"
+    if not plan["destroys"]:
+        return head + ": no newer snapshot is destroyed (changes since the newest snapshot are lost)"
+    lines = [head + f" destroys {len(plan['destroys'])} newer snapshot(s):"]
+    lines += [f"  {plan['dataset']}@{name}" + (" (replication base)" if name in plan["bases"] else "")
+              for name in plan["destroys"]]
+    if plan.get("kept_as"):
+        lines.append(f"the VM as it is now is first copied to {plan['kept_as']}")
+    return "\n".join(lines)
+
+
+def rollback_summary(out: dict[str, Any]) -> str:
+    lines = [f"rolled back: {out['snapshot']}"] + [f"destroyed: {out['dataset']}@{n}" for n in out["destroys"]]
+    lines += [f"kept the newer state as: {out['kept_as']}"] if out.get("kept_as") else []
+    lines += ["VM stopped first"] if out.get("stopped") else []
+    lines += ["VM started again"] if out.get("started") else []
+    return "\n".join(lines)

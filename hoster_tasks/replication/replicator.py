@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
+from hoster_tasks import failed, keys
 from hoster_tasks.errors import (
     Diverged,
     EncryptedSendRefused,
@@ -27,6 +28,8 @@ from hoster_tasks.errors import (
 from hoster_tasks.locks import DatasetLock, LockSpec
 from hoster_tasks.names import parse_snapshot_name
 from hoster_tasks.observability import state
+from hoster_tasks.observability.errorfile import error_name, update_errors
+from hoster_tasks.observability.progress import TransferProgress
 from hoster_tasks.policy.planner import Action, Plan, Step, StepKind, plan_replication, target_prune
 from hoster_tasks.policy.retention import plan_retention
 from hoster_tasks.replication.pipeline import PipelineResult, Stage, run_pipeline
@@ -73,6 +76,7 @@ class Replicator:
         self._caps_cache = caps_cache
         self.active_locks: list[DatasetLock] = []  # the locks of the dataset being worked on (see locks())
         self.spared_on_target: list[str] = []  # held or busy snapshots the last target prune left alone
+        self.error_name: str | None = None  # the ERROR_ file a failure goes to; None: `to_<endpoint name>`
 
     @cached_property
     def target_caps(self) -> Capabilities:
@@ -214,20 +218,25 @@ class Replicator:
         return token if self._resumable() and token not in ("-", "") else None
 
     def _transfer(self, dataset: str, send_argv: list[str], recv_argv: list[str], total: int | None) -> PipelineResult:
+        recorded = TransferProgress(self.ctx.redis, self.ctx.settings.node_name, dataset, self.endpoint.name)
 
         def report(n: int) -> None:
+            recorded.update(n, total)  # bytes remaining, for metrics
             if self.progress is not None:
                 self.progress({"dataset": dataset, "target": self.endpoint.name, "bytes": n, "total": total})
 
-        result = run_pipeline(
-            Stage(self.ctx.shell.process_argv(send_argv), "local"),
-            Stage(self.target_shell.process_argv(recv_argv), self.endpoint.name),
-            speed_limit_mb=self.speed_limit,
-            progress=report,
-            cancel=self.cancel,
-            # the stages die once the locks are gone, even while this worker is frozen and cannot stop them
-            lease=LeaseWatch.of(self.ctx.settings.redis_url, self.active_locks),
-        )
+        try:
+            result = run_pipeline(
+                Stage(self.ctx.shell.process_argv(send_argv), "local"),
+                Stage(self.target_shell.process_argv(recv_argv), self.endpoint.name),
+                speed_limit_mb=self.speed_limit,
+                progress=report,
+                cancel=self.cancel,
+                # the stages die once the locks are gone, even while this worker is frozen and cannot stop them
+                lease=LeaseWatch.of(self.ctx.settings.redis_url, self.active_locks),
+            )
+        finally:
+            recorded.done()
         if self.progress is not None:  # the final count, which a throttled report may have skipped
             self.progress({"dataset": dataset, "target": self.endpoint.name, "bytes": result.bytes,
                            "total": max(total or 0, result.bytes) or None, "done": True})
@@ -378,21 +387,36 @@ class Replicator:
 
     # -- bookkeeping -----------------------------------------------------------------------------------
     def record_success(self, dataset: str, sent_bytes: int, seconds: float, newest_creation: int) -> None:
-        """State for `status` and metrics, with its TTL and index (observability.state), in one MULTI."""
+        """State for `status` and metrics, with its TTL and index (observability.state), in one MULTI. Ends
+        the failing streak, and clears this dataset's line in every ERROR_ file a failure of it was written
+        to (hoster_tasks.failed) first: a crash in between leaves the failure listed, so a retry clears it."""
         now = time.time()
+        node, key = self.ctx.settings.node_name, keys.replication_state(self.ctx.settings.node_name, dataset,
+                                                                        self.endpoint.name)
+        recorded = [f.decode() if isinstance(f, bytes) else f for f in self.ctx.redis.hkeys(key)]
+        files = failed.error_files_of(recorded)
+        for name in files:
+            update_errors(self.ctx.settings.error_dir, name, {}, [dataset])
         pipe = self.ctx.redis.pipeline()
-        state.record_replication(pipe, self.ctx.settings.node_name, dataset, self.endpoint.name, {
+        state.record_replication(pipe, node, dataset, self.endpoint.name, {
             "last_success": str(now), "bytes": str(sent_bytes), "duration": f"{seconds:.3f}",
             "error": "0", "last_error": "", "target_newest_creation": str(newest_creation),
         }, {"bytes_total": sent_bytes}, now)
+        pipe.hdel(key, failed.FAILING_SINCE, failed.ATTEMPTS, *(failed.error_file_field(n) for n in files))
         pipe.execute()
 
     def record_failure(self, dataset: str, error: str) -> None:
+        """`error_name` (the ERROR_ file this run writes, `to_<endpoint>` unless a job names it) is recorded
+        so that the success of any later run clears that file's line."""
         now = time.time()
+        node = self.ctx.settings.node_name
+        name = self.error_name or error_name(self.endpoint.name, None)
         pipe = self.ctx.redis.pipeline()
-        state.record_replication(pipe, self.ctx.settings.node_name, dataset, self.endpoint.name,
-                                 {"error": "1", "last_error": error[:2000], "last_failure": str(now)},
-                                 {"failures": 1}, now)
+        state.record_replication(pipe, node, dataset, self.endpoint.name,
+                                 {"error": "1", "last_error": error[:2000], "last_failure": str(now),
+                                  failed.error_file_field(name): str(now)},
+                                 {"failures": 1, failed.ATTEMPTS: 1}, now)
+        pipe.hsetnx(keys.replication_state(node, dataset, self.endpoint.name), failed.FAILING_SINCE, str(now))
         pipe.execute()
 
 

@@ -11,10 +11,12 @@ from celery import Task, signals
 
 from hoster_tasks import keys
 from hoster_tasks.errors import ReadOnlyCopy, UnknownVM
+from hoster_tasks.failover import stale_message
 from hoster_tasks.jobs import JobLease, Rerun
 from hoster_tasks.names import validate_vm
-from hoster_tasks.nodes import VmInfo, inventory
+from hoster_tasks.nodes import VmInfo, inventory, superseded
 from hoster_tasks.observability.crons import fanout_headers, fanout_of, job_finished
+from hoster_tasks.redis_conn import client_from_url
 from hoster_tasks.requests import TaskRequest
 from hoster_tasks.settings import Settings, get_settings
 from hoster_tasks.zfs.probe import Capabilities, probe
@@ -62,7 +64,7 @@ class NodeTask(PublicTask):
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis_url)
+        return client_from_url(self.settings.redis_url)
 
     @cached_property
     def shell(self) -> Shell:
@@ -80,10 +82,20 @@ class NodeTask(PublicTask):
         raise UnknownVM(f"unknown VM {vm!r} on node {self.settings.node_name}")
 
     def own_vm(self, vm: str) -> VmInfo:
-        """A VM this node owns: every task that changes a dataset refuses a backup copy (read-only here)."""
+        """A VM this node owns: every task that changes a dataset refuses a backup copy (read-only here), and
+        a VM another node took over while this one was away (its stale copy)."""
         info = self.find_vm(vm)
         self.check_owned(info)
+        if (new_parent := superseded(self.redis, self.settings.node_name, [info]).get(info.name)) is not None:
+            raise ReadOnlyCopy(stale_message(info, new_parent))
         return info
+
+    def owned_vms(self, vms: list[VmInfo]) -> tuple[list[VmInfo], list[str]]:
+        """Of `vms`, those this node owns, and a line for each stale one another node took over."""
+        own = [v for v in vms if v.parent == self.settings.node_name]
+        stale = superseded(self.redis, self.settings.node_name, own)
+        return [v for v in own if v.name not in stale], [stale_message(v, p) for v, p in
+                                                           ((v, stale[v.name]) for v in own if v.name in stale)]
 
     def check_owned(self, info: VmInfo) -> None:
         if info.parent != self.settings.node_name:

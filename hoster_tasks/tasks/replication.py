@@ -26,6 +26,7 @@ from hoster_tasks.nodes import inventory, live_nodes
 from hoster_tasks.observability.errorfile import JOB_LINE, error_file, error_name, update_errors
 from hoster_tasks.observability.sentry import report_context
 from hoster_tasks.policy.planner import Action
+from hoster_tasks.redis_conn import client_from_url
 from hoster_tasks.replication.lifecycle import advance, complete, new_progress
 from hoster_tasks.replication.replicator import Replicator
 from hoster_tasks.requests import (
@@ -34,6 +35,7 @@ from hoster_tasks.requests import (
     ReplicateAllRequest,
     ReplicateRequest,
     ReplicationFanoutRequest,
+    RetryFailedRequest,
     StepRequest,
 )
 from hoster_tasks.settings import get_settings
@@ -218,7 +220,7 @@ def replicate_all(
     name = error_name(ep.name, script_name)
     error_file(self.settings.error_dir, name)
     try:
-        outcome = _replicate_all(self, ep.name, vms, speed_limit)
+        outcome = _replicate_all(self, ep.name, vms, speed_limit, name)
     except HosterTasksError as exc:
         if not self.will_retry(exc):
             update_errors(self.settings.error_dir, name, {JOB_LINE: str(exc)}, [])
@@ -235,7 +237,7 @@ def replicate_all(
 
 
 def _replicate_all(
-    task: ReplicationTask, endpoint: str, vms: list[str] | None, speed_limit: float | None
+    task: ReplicationTask, endpoint: str, vms: list[str] | None, speed_limit: float | None, error_name: str
 ) -> dict[str, Any]:
     from hoster_tasks.replication.run_all import replicate_many
 
@@ -244,13 +246,16 @@ def _replicate_all(
     if unknown:
         raise UnknownVM(f"unknown VM(s) on node {task.settings.node_name}: {', '.join(unknown)}")
     chosen = [v for v in found if not vms or v.name in vms]
-    owned = [v for v in chosen if v.parent == task.settings.node_name]
+    owned, stale = task.owned_vms(chosen)
     rep = task.replicator(endpoint, speed_limit, task.request.id)
+    rep.error_name = error_name  # a failure is recorded with the file it goes to: a retry's success clears it
     try:
         outcome = replicate_many(rep, [v.dataset for v in owned])
     finally:
         rep.close()
-    outcome["skipped"] = [f"{v.dataset} (backup copy of {v.parent})" for v in chosen if v not in owned]
+    outcome["skipped"] = [f"{v.dataset} (backup copy of {v.parent})" for v in chosen
+                          if v.parent != task.settings.node_name]
+    outcome["superseded"] = stale
     return outcome
 
 
@@ -260,12 +265,10 @@ def fanout(
 ) -> dict[str, str]:
     """Beat's entry point: replicate_all on every live node that has this endpoint as a target. Its Crons
     check-in closes when the last replicate_all ends, not when this returns (observability/crons.py)."""
-    import redis
-
     from hoster_tasks.observability.crons import FanoutCheckin
     from hoster_tasks.settings import get_settings
 
-    client = redis.Redis.from_url(get_settings().redis_url)
+    client = client_from_url(get_settings().redis_url)
     with FanoutCheckin(self, client) as checkin:
         nodes = [n for n in live_nodes(client) if endpoint in n.endpoints]
         if not nodes:
@@ -278,3 +281,15 @@ def fanout(
             ).id
             for n in nodes
         }
+
+
+@app.task(name="hoster.replication.retry_failed", base=PublicTask, bind=True, request_model=RetryFailedRequest)
+def retry_failed(self: Any, endpoint: str | None = None, vm: str | None = None) -> dict[str, Any]:
+    """Queue `replicate` again for every (node, VM, endpoint) whose last replication failed (filtered by
+    endpoint name and VM), each on its owning node: Flower's API and other systems retry by this name. Runs
+    on the control queue and returns at once with the ids it queued (and what it could not queue)."""
+    from hoster_tasks.client import Client
+
+    retries = Client(get_settings(), self.app).retry_failed(endpoint, vm)
+    return {"queued": [r.as_dict() for r in retries if r.result is not None],
+            "skipped": [r.as_dict() for r in retries if r.result is None]}

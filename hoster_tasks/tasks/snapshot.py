@@ -12,6 +12,7 @@ from hoster_tasks.celery_app import app
 from hoster_tasks.errors import Busy
 from hoster_tasks.nodes import inventory, live_nodes
 from hoster_tasks.observability.sentry import report_context
+from hoster_tasks.redis_conn import redis_client
 from hoster_tasks.requests import (
     DestroyRequest,
     ListRequest,
@@ -52,41 +53,48 @@ def take_snapshot(
     while the VM is replicating). Taken at once even while the VM replicates."""
     info = self.own_vm(vm)
     report_context(vm=vm, dataset=info.dataset, node=self.settings.node_name)
-    return take(_ctx(self), [info.dataset], stype, keep, datetime.now(UTC))
+    try:
+        return take(_ctx(self), [info.dataset], stype, keep, datetime.now(UTC))
+    except Busy as exc:  # a rollback of this VM is running
+        raise _wait_busy(self, exc, first_try, vm=vm, stype=stype, keep=keep) from None
 
 
 @app.task(name="hoster.snapshot.take_all", base=NodeTask, bind=True, request_model=TakeAllRequest)
 def take_all(
-    self: NodeTask, stype: str, keep: int, only: list[str] | None = None, first_try: float | None = None
+    self: NodeTask, stype: str, keep: int, only: list[str] | None = None, first_try: float | None = None,
+    slot: int | None = None,
 ) -> dict[str, Any]:
     """Snapshot every VM this node owns (backup copies of other nodes' VMs are left alone), at once even
-    while some replicate; their pruning is deferred to the replication's end (`deferred`). `only`: just
-    these datasets (as an earlier version's busy retries sent)."""
-    vms = [v for v in inventory(self.shell, self.settings) if v.parent == self.settings.node_name]
+    while some replicate; their pruning is deferred to the replication's end (`deferred`). A dataset being
+    rolled back is retried alone (`only`) until lock_wait_seconds."""
+    vms, stale = self.owned_vms(inventory(self.shell, self.settings))
     datasets = [v.dataset for v in vms if only is None or v.dataset in only]
     report_context(node=self.settings.node_name, dataset=",".join(datasets))
-    result = take(_ctx(self), datasets, stype, keep, datetime.now(UTC))
-    return {"node": self.settings.node_name, **result}
+    try:
+        result = take(_ctx(self), datasets, stype, keep, datetime.now(UTC), slot)
+    except Busy as exc:  # datasets being rolled back: retried alone, the others are not snapshotted twice
+        raise _wait_busy(self, exc, first_try, stype=stype, keep=keep, only=exc.datasets, slot=slot) from None
+    return {"node": self.settings.node_name, **result, "superseded": stale}
 
 
 @app.task(name="hoster.snapshot.fanout", base=PublicTask, bind=True, request_model=SnapshotFanoutRequest)
-def fanout(self: Any, stype: str, keep: int) -> dict[str, str]:
+def fanout(self: Any, stype: str, keep: int, slot: int | None = None) -> dict[str, str]:
     """Beat's entry point: one take_all per live node, each on that node's own queue. Its Crons check-in
     closes when the last take_all ends, not when this returns (observability/crons.py)."""
-    import redis
-
     from hoster_tasks.errors import NoLiveNode
     from hoster_tasks.observability.crons import FanoutCheckin
     from hoster_tasks.settings import get_settings
 
-    client = redis.Redis.from_url(get_settings().redis_url)
+    client = redis_client(get_settings())
     with FanoutCheckin(self, client) as checkin:
         nodes = live_nodes(client)
         if not nodes:  # a schedule that snapshots nothing must not look fine
             raise NoLiveNode("no live node to snapshot")
         headers = checkin.expect(n.name for n in nodes)
         return {
-            n.name: take_all.apply_async(args=[stype, keep], queue=keys.node_queue(n.name), headers=headers).id
+            n.name: take_all.apply_async(
+                args=[stype, keep], kwargs={"slot": slot}, queue=keys.node_queue(n.name), headers=headers
+            ).id
             for n in nodes
         }
 

@@ -149,9 +149,24 @@ def set_user_property(dataset: str, prop: str, value: str, zfs: str = ZFS) -> li
     return [zfs, "set", f"{prop}={value}", dataset]
 
 
+def rollback(snapshot_full: str, zfs: str = ZFS) -> list[str]:
+    """`-r`: the snapshots newer than this one are destroyed (the caller lists them to the user first)."""
+    validate_snapshot(snapshot_full)
+    return [zfs, "rollback", "-r", snapshot_full]
+
+
 def set_readonly(dataset: str, zfs: str = ZFS) -> list[str]:
     """Backup copies are read-only: a mount (even atime) would make the next incremental refuse."""
     return [zfs, "set", "readonly=on", validate_dataset(dataset)]
+
+
+def set_writable(dataset: str, zfs: str = ZFS) -> list[str]:
+    """A copy that became the VM (failover): it must be writable to run."""
+    return [zfs, "set", "readonly=off", validate_dataset(dataset)]
+
+
+def mount(dataset: str, zfs: str = ZFS) -> list[str]:
+    return [zfs, "mount", validate_dataset(dataset)]
 
 
 def process_args() -> list[str]:

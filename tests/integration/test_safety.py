@@ -336,3 +336,16 @@ def test_a_lost_lease_in_replicate_all_stops_that_dataset_only(
     assert "lost the lock" in res.stderr or "lock was lost" in res.stderr
     assert guids(pdst.ds(f"{VMS_ROOT}/vm2")) == guids(vm2)  # the next dataset of the run went on
     assert list(_error_files(worker)[f"ERROR_to_{dst.name}"].splitlines())[0].startswith(f"{vm1}: ")
+
+
+def test_a_copy_hoster_made_is_recognised_by_its_vm_config(node_factory, pool_factory, worker_factory, cli):
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory, vms=("vm1", "old"))
+    old = psrc.ds(f"{VMS_ROOT}/old")
+    # Hoster's own replication made this copy before hoster-tasks: no property, only its vm_config.json
+    (hz.mount(old) / "vm_config.json").write_text(json.dumps({"parent_host": "hoster02", "cpu": "2"}, indent=3))
+    cli("snapshot", "new", "vm1")
+    refused = cli("snapshot", "new", "old")
+    assert refused.returncode == 1 and "backup copy of node 'hoster02'" in refused.stderr, refused.stderr
+    everything = json.loads(cli("vm", "replicate-all", "--endpoint", dst.name, "--json").stdout)
+    assert [r["dataset"] for r in everything["results"]] == [psrc.ds(f"{VMS_ROOT}/vm1")]
+    assert everything["skipped"] == [f"{old} (backup copy of hoster02)"]

@@ -85,20 +85,27 @@ def test_two_nodes_each_take_only_their_own_work(pool_factory, worker_factory, c
     assert f"{b}@" in log2 and f"{b}@" not in log1
 
 
-def test_snapshot_waits_then_fails_busy_while_lock_held(pool_factory, worker_factory, cli, redis_server):
+def test_snapshot_waits_for_a_rollback_then_fails_busy_but_not_for_a_replication(
+    pool_factory, worker_factory, cli, redis_server
+):
     pool = pool_factory()
     (a,) = make_vms(pool, "a")
-    worker_factory("n1", node_env(pool, HOSTER_LOCK_WAIT_SECONDS=1))
+    worker_factory("n1", node_env(pool, HOSTER_LOCK_WAIT_SECONDS=3))
     client = redis_lib.Redis.from_url(redis_server.url)
-    lock = DatasetLock(client, LockSpec("n1", a, lease=30, wait=1)).acquire()
+    replicating = DatasetLock(client, LockSpec("n1", a, lease=30, wait=1)).acquire()
+    rolling_back = DatasetLock(client, LockSpec("n1", a, lease=30, wait=1, kind="snapshot")).acquire()
     try:
         res = cli("snapshot", "new", "a")
         assert res.returncode == 1
-        assert "busy" in res.stderr and "Traceback" not in res.stderr
+        assert "busy" in res.stderr and "rollback" in res.stderr and "waited 3s" in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr and "MaxRetries" not in res.stderr
         assert snapshot_names(a) == []
     finally:
-        lock.release()
-    assert cli("snapshot", "new", "a").returncode == 0
+        rolling_back.release()
+    try:
+        assert cli("snapshot", "new", "a").returncode == 0  # while the dataset is replicating: at once
+    finally:
+        replicating.release()
     assert len(snapshot_names(a)) == 1
 
 
@@ -157,7 +164,7 @@ def test_unknown_vm_and_no_broker_are_one_line_errors(pool_factory, worker_facto
     assert len(res.stderr.strip().splitlines()) == 1
 
 
-def test_snapshot_all_waits_for_a_busy_dataset_without_snapshotting_the_others_twice(
+def test_snapshot_all_waits_for_a_rollback_without_snapshotting_the_others_twice(
     pool_factory, worker_factory, cli, redis_server
 ):
     pool = pool_factory()
@@ -165,7 +172,7 @@ def test_snapshot_all_waits_for_a_busy_dataset_without_snapshotting_the_others_t
     worker_factory("n1", node_env(pool, HOSTER_LOCK_WAIT_SECONDS=20, HOSTER_LOCK_ATTEMPT_SECONDS=0.5),
                    args=["-c", "1"])
     client = redis_lib.Redis.from_url(redis_server.url)
-    lock = DatasetLock(client, LockSpec("n1", b, lease=30, wait=1)).acquire()
+    lock = DatasetLock(client, LockSpec("n1", b, lease=30, wait=1, kind="snapshot")).acquire()  # b rolls back
     releaser = threading.Timer(3, lock.release)
     releaser.start()
     try:

@@ -41,7 +41,9 @@ KNOWN_METRICS = frozenset({
 PUBLIC_TASKS = frozenset({
     "hoster.snapshot.take", "hoster.snapshot.take_all", "hoster.snapshot.fanout", "hoster.snapshot.list",
     "hoster.snapshot.destroy", "hoster.replication.replicate", "hoster.replication.replicate_all",
+    "hoster.replication.retry_failed",
 })
+CONTROL_TASKS = frozenset({"hoster.replication.retry_failed"})  # sent to the control queue, not a node's
 UNITS = ("hoster-tasks-worker.service", "hoster-tasks-beat.service", "hoster-tasks-flower.service")
 RC_SCRIPTS = ("hoster_tasks_worker", "hoster_tasks_beat", "hoster_tasks_flower")
 
@@ -602,6 +604,9 @@ def test_operations_guide_covers_the_procedures(yaml: ModuleType) -> None:
     assert set(re.findall(r"hoster\.(?:snapshot|replication)\.\w+", text)) <= PUBLIC_TASKS
     payloads = re.findall(r"-d '(\{.*?\})'", text)
     assert payloads
+    control = {m for m in re.findall(r"send-task/([\w.]+) [^\n]*\n[^\n]*-d '(\{.*?\})'", text) if m[0] in CONTROL_TASKS}
     for payload in payloads:
         body = json.loads(payload)
-        assert set(body) <= {"args", "kwargs", "queue"} and body["queue"].startswith("hoster.node.")
+        to_control = any(payload == sent for _, sent in control)  # a control task's call goes to hoster.control
+        assert set(body) <= {"args", "kwargs", "queue"}
+        assert body["queue"] == "hoster.control" if to_control else body["queue"].startswith("hoster.node."), body

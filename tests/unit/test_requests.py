@@ -19,12 +19,15 @@ from hoster_tasks.requests import (
     PUBLIC_REQUESTS,
     SPEED_LIMIT_MAX,
     ChainFailedRequest,
+    ChangeParentRequest,
     DestroyRequest,
     FinishRequest,
     ListRequest,
     ReplicateAllRequest,
     ReplicateRequest,
     ReplicationFanoutRequest,
+    RetryFailedRequest,
+    RollbackRequest,
     SnapshotFanoutRequest,
     StepRequest,
     TakeAllRequest,
@@ -241,6 +244,7 @@ def test_the_endpoint_must_be_one_of_this_workers_targets(clean_env: None) -> No
 
 def _registered_tasks() -> dict[str, Any]:
     import hoster_tasks.tasks.replication  # noqa: F401 - registers the tasks
+    import hoster_tasks.tasks.restore  # noqa: F401
     import hoster_tasks.tasks.snapshot  # noqa: F401
     from hoster_tasks.celery_app import app
 
@@ -434,5 +438,9 @@ def _valid(model: type[TaskRequest]) -> dict[str, Any]:
                                 "handoff": {"source": "0f3c:handoff:ab", "target": "0f3c:handoff:cd"}},
                         "dataset": "pool/vm/vm1", "endpoint": "backup1", "chain": "0f3c"},
         ChainFailedRequest: {"task_id": "8d4e-11", "dataset": "pool/vm/vm1", "endpoint": "backup1"},
+        ChangeParentRequest: {"vm": "vm1", "start": True},
+        RollbackRequest: {"vm": "vm1", "snapshot": "hourly_2024-01-01_00-33-00", "force_stop": True,
+                          "expect_destroyed": ["hourly_2024-01-01_01-33-00"]},
+        RetryFailedRequest: {"endpoint": "backup1", "vm": "vm1"},
     }
     return valid[model]

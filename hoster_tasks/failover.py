@@ -1,0 +1,66 @@
+"""Starting a VM on the node that holds its copy (`vm change-parent VM [--start]`, the seed's "Start the VM
+on a new host"), and fencing the old direction afterwards.
+
+On the node with the copy, under the dataset lock (no replication can be writing into it):
+- refuse while the VM runs here, or while its parent node is live and still owns it (then the VM may run
+  there: stop it and move it instead);
+- make this node the parent: `hoster-tasks:parent` and Hoster's `parent_host` in vm_config.json;
+- `readonly=off`, mount; start the VM when asked;
+- record the change in Redis (`keys.vm_owner`).
+
+Fencing: the old parent's replication into this dataset is refused from then on (the copy names another
+parent: Replicator.check_owner). When the old parent comes back it finds the record naming it as the
+previous parent: it no longer snapshots or replicates its own stale copy, and says so (`superseded`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hoster_tasks.errors import Permanent
+from hoster_tasks.hoster_config import set_parent_host
+from hoster_tasks.nodes import NodeInfo, VmInfo, record_owner
+from hoster_tasks.snapshots import NodeContext
+from hoster_tasks.vmctl import VmControl
+from hoster_tasks.zfs import commands as cmd
+from hoster_tasks.zfs import ops
+
+
+class FailoverRefused(Permanent):
+    """A change of parent that could leave two running copies of a VM: nothing was changed."""
+
+
+def check_can_take_over(vm: VmInfo, node_name: str, ctl: VmControl, live: Sequence[NodeInfo]) -> None:
+    if ctl.is_running(vm.name):
+        raise FailoverRefused(f"VM {vm.name} is running here already: nothing was changed")
+    for node in live:
+        if node.name == vm.parent and any(v.name == vm.name and v.parent == node.name for v in node.vms):
+            raise FailoverRefused(
+                f"node {node.name}, the parent of {vm.name}, is up and still owns it (it may be running there): "
+                "stop it there first; nothing was changed")
+
+
+def change_parent(ctx: NodeContext, ctl: VmControl, vm: VmInfo, live: Sequence[NodeInfo],
+                  start: bool) -> dict[str, Any]:
+    node = ctx.settings.node_name
+    if vm.parent == node:
+        return {"vm": vm.name, "dataset": vm.dataset, "parent": node, "changed": False, "started": False}
+    check_can_take_over(vm, node, ctl, live)
+    with ctx.lock(vm.dataset) as lock:
+        lock.check()
+        ops.set_property(ctx.shell, vm.dataset, ops.PARENT_PROPERTY, node, ctx.zfs)
+        ctx.shell.run(cmd.set_writable(vm.dataset, ctx.zfs))
+        ctx.shell.run(cmd.mount(vm.dataset, ctx.zfs), check=False)  # already mounted is fine
+        mountpoint = ops.get_properties(ctx.shell, [vm.dataset], ["mountpoint"], zfs=ctx.zfs)
+        hoster_file = set_parent_host(mountpoint.get(vm.dataset, {}).get("mountpoint", "-"), node)
+        record_owner(ctx.redis, vm.name, node, vm.parent)
+    if start:
+        ctl.start(vm.name)
+    return {"vm": vm.name, "dataset": vm.dataset, "parent": node, "previous": vm.parent, "changed": True,
+            "vm_config_updated": hoster_file, "started": start}
+
+
+def stale_message(vm: VmInfo, new_parent: str) -> str:
+    return (f"{vm.dataset}: VM {vm.name} was taken over by node {new_parent} (change-parent) while this node was "
+            "away: this copy is stale and is neither snapshotted nor replicated here")

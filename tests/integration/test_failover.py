@@ -1,0 +1,72 @@
+"""Failover through the real parts: the parent is lost, the copy becomes the VM, the old parent comes back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+
+import redis as redis_lib
+from harness import zfs as hz
+from harness.proc import wait_until
+from scenario import VMS_ROOT, guids, node_env, replicate_json, snapshot_names, two_nodes
+
+from hoster_tasks import keys
+from hoster_tasks.zfs.ops import PARENT_PROPERTY
+
+
+def _digest(dataset: str) -> dict[str, str]:
+    root = hz.mount(dataset)
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def test_failover_then_the_old_parent_comes_back_and_is_fenced(
+    node_factory, pool_factory, worker_factory, cli, redis_server, tmp_path
+):
+    states = tmp_path / "vms.json"
+    states.write_text(json.dumps({"vms": {"vm1": "stopped"}}))
+    control = {"HOSTER_VM_CONTROL": "file", "HOSTER_VM_STATE_FILE": str(states)}
+    src, dst, psrc, pdst, old_worker = two_nodes(node_factory, pool_factory, worker_factory, **control)
+    vm, copy = psrc.ds(f"{VMS_ROOT}/vm1"), pdst.ds(f"{VMS_ROOT}/vm1")
+    hz.write_random(vm, 2)
+    (hz.mount(vm) / "vm_config.json").write_text(json.dumps({"parent_host": "src", "cpu": "2"}, indent=3))
+    cli("snapshot", "new", "vm1")
+    replicate_json(cli, "vm1", dst.name)
+    back = src.endpoint(root_map={pdst.ds(VMS_ROOT): psrc.ds(VMS_ROOT)}, connect_timeout=3, keepalive_seconds=1)
+    worker_factory(dst, node_env(pdst, HOSTER_TARGETS=[back], **control))
+
+    # the parent is lost: its worker gone, its link cut
+    old_worker.stop()
+    src.link_down()
+    client = redis_lib.Redis.from_url(redis_server.url)
+    wait_until(lambda: not client.exists(keys.node(src.name)), 30, "the old parent to drop out of the registry")
+
+    moved = cli("vm", "change-parent", "vm1", "--node", dst.name, "--start", "--json")
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["previous"] == src.name
+    assert hz.get_property(copy, PARENT_PROPERTY) == dst.name and hz.get_property(copy, "readonly") == "off"
+    assert json.loads((hz.mount(copy) / "vm_config.json").read_text())["parent_host"] == dst.name
+    assert json.loads(states.read_text())["vms"]["vm1"] == "running"
+    hz.write_random(copy, 1, "written-on-the-new-parent.bin")  # the VM runs on the new parent now
+    assert cli("snapshot", "new", "vm1").returncode == 0  # routed to the new parent
+    on_new_parent = (guids(copy), _digest(copy))
+
+    # the old parent comes back, with its stale copy and its schedule
+    src.link_up()
+    worker_factory(src, old_worker.env)
+    snap_all = json.loads(cli("snapshot", "all", "--stype", "hourly", "--keep", "3", "--node", src.name,
+                              "--json").stdout.split("\n", 1)[1])
+    assert snap_all["taken"] == [] and "taken over by node dst" in snap_all["superseded"][0]
+    pushed = json.loads(cli("vm", "replicate-all", "--endpoint", dst.name, "--node", src.name, "--json").stdout)
+    assert pushed["results"] == [] and "taken over by node dst" in pushed["superseded"][0]
+    assert (guids(copy), _digest(copy)) == on_new_parent  # nothing on the new parent was touched
+    assert len(snapshot_names(vm)) == 1
+
+    # the new direction: the old parent's dataset becomes the copy, incrementally
+    way_back = replicate_json(cli, "vm1", src.name)
+    assert way_back["action"] == "incremental"
+    assert guids(vm) == guids(copy)
+    assert hz.get_property(vm, PARENT_PROPERTY) == dst.name
+    # set on the dataset: its current (read-write) mount shows "off, temporary" until it is unmounted
+    subprocess.run(["zfs", "umount", vm], check=True)
+    assert hz.get_property(vm, "readonly") == "on"
