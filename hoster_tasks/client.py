@@ -27,6 +27,7 @@ from hoster_tasks.nodes import NodeInfo, live_nodes, locate_vm
 from hoster_tasks.redis_conn import client_from_url
 from hoster_tasks.requests import (
     ChangeParentRequest,
+    CiresetRequest,
     DestroyRequest,
     ListRequest,
     ReplicateAllRequest,
@@ -46,6 +47,7 @@ REPLICATE = ReplicateRequest.task_name
 REPLICATE_ALL = ReplicateAllRequest.task_name
 ROLLBACK = RollbackRequest.task_name
 CHANGE_PARENT = ChangeParentRequest.task_name
+CIRESET = CiresetRequest.task_name
 
 
 class Client:
@@ -93,13 +95,18 @@ class Client:
         owner = owner_of_dataset(self.nodes(), req.snapshot.split("@")[0])
         return self._send(DESTROY, owner.name, req.snapshot)
 
-    def change_parent(self, vm: str, node: str, start: bool = False) -> AsyncResult:
+    def change_parent(self, vm: str, node: str, start: bool = False, cireset: bool = False) -> AsyncResult:
         """Failover: the copy of `vm` on `node` becomes the VM (run where the copy is)."""
-        req = ChangeParentRequest.of(vm=vm, start=start)
+        req = ChangeParentRequest.of(vm=vm, start=start, cireset=cireset)
         holder = next((n for n in self.nodes() if n.name == validate_node_name(node)), None)
         if holder is None or not any(v.name == req.vm for v in holder.vms):
             raise UnknownVM(f"node {node} is not live or holds no copy of VM {req.vm}")
-        return self._send(CHANGE_PARENT, holder.name, req.vm, start=req.start)
+        return self._send(CHANGE_PARENT, holder.name, req.vm, start=req.start, cireset=req.cireset)
+
+    def cireset(self, vm: str) -> AsyncResult:
+        req = CiresetRequest.of(vm=vm)
+        node, _ = locate_vm(self.redis, req.vm)
+        return self._send(CIRESET, node.name, req.vm)
 
     def rollback(self, vm: str, snapshot: str, **flags: Any) -> AsyncResult:
         """Roll `vm` back to `snapshot`: flags force_stop, force_start, destroy_base, keep_newer, dry_run,
@@ -108,14 +115,18 @@ class Client:
         node, _ = locate_vm(self.redis, req.vm)
         return self._send(ROLLBACK, node.name, **req.model_dump(exclude={"first_try"}))
 
-    def replicate(self, vm: str, endpoint: str, speed_limit: float | None = None) -> AsyncResult:
-        req = ReplicateRequest.of(vm=vm, endpoint=endpoint, speed_limit=speed_limit)
+    def replicate(
+        self, vm: str, endpoint: str, speed_limit: float | None = None, diverged: str | None = None
+    ) -> AsyncResult:
+        """`diverged`: "discard" or "keep", for a copy that went its own way (the way back after a failover)."""
+        req = ReplicateRequest.of(vm=vm, endpoint=endpoint, speed_limit=speed_limit, diverged=diverged)
         node, _ = locate_vm(self.redis, req.vm)
         if req.endpoint not in node.endpoints:  # the node publishes its targets' names and hosts
             known = ", ".join(node.endpoints) or "none configured"
             raise req.invalid([("endpoint", f"endpoint: unknown endpoint {req.endpoint!r} on node {node.name} "
                                             f"(known: {known})")])
-        return self._send(REPLICATE, node.name, req.vm, req.endpoint, speed_limit=req.speed_limit)
+        extra = {"diverged": req.diverged} if req.diverged else {}
+        return self._send(REPLICATE, node.name, req.vm, req.endpoint, speed_limit=req.speed_limit, **extra)
 
     def replicate_all(
         self,

@@ -42,12 +42,13 @@ def check_can_take_over(vm: VmInfo, node_name: str, ctl: VmControl, live: Sequen
 
 
 def change_parent(ctx: NodeContext, ctl: VmControl, vm: VmInfo, live: Sequence[NodeInfo],
-                  start: bool) -> dict[str, Any]:
+                  start: bool, cireset: bool = False) -> dict[str, Any]:
     node = ctx.settings.node_name
     if vm.parent == node:
         return {"vm": vm.name, "dataset": vm.dataset, "parent": node, "changed": False, "started": False}
     check_can_take_over(vm, node, ctl, live)
     with ctx.lock(vm.dataset) as lock:
+        key_loaded = load_key_if_needed(ctx, vm)  # before anything changes: no key, no failover
         lock.check()
         ops.set_property(ctx.shell, vm.dataset, ops.PARENT_PROPERTY, node, ctx.zfs)
         ctx.shell.run(cmd.set_writable(vm.dataset, ctx.zfs))
@@ -55,10 +56,26 @@ def change_parent(ctx: NodeContext, ctl: VmControl, vm: VmInfo, live: Sequence[N
         mountpoint = ops.get_properties(ctx.shell, [vm.dataset], ["mountpoint"], zfs=ctx.zfs)
         hoster_file = set_parent_host(mountpoint.get(vm.dataset, {}).get("mountpoint", "-"), node)
         record_owner(ctx.redis, vm.name, node, vm.parent)
+    reset = ctl.cireset(vm.name) if cireset else None  # Hoster's job: guest settings for the new host
     if start:
         ctl.start(vm.name)
     return {"vm": vm.name, "dataset": vm.dataset, "parent": node, "previous": vm.parent, "changed": True,
-            "vm_config_updated": hoster_file, "started": start}
+            "vm_config_updated": hoster_file, "key_loaded": key_loaded, "cireset": reset, "started": start}
+
+
+def load_key_if_needed(ctx: NodeContext, vm: VmInfo) -> bool:
+    """A copy received raw stays encrypted: load its key from `vm_key_location` (True when loaded)."""
+    if not ctx.caps.encryption:
+        return False  # this ZFS has no native encryption (zfs-fuse): no dataset can be encrypted
+    found = ops.get_properties(ctx.shell, [vm.dataset], ["encryption", "keystatus"], zfs=ctx.zfs).get(vm.dataset, {})
+    if found.get("encryption", "off") in ("off", "-") or found.get("keystatus") == "available":
+        return False
+    location = ctx.settings.vm_key_location
+    if location is None:
+        raise FailoverRefused(f"{vm.dataset} is encrypted and its key is not loaded: set vm_key_location (e.g. "
+                              "file:///root/keys/{vm}.key) or load it (zfs load-key); nothing was changed")
+    ctx.shell.run(cmd.load_key(vm.dataset, location.replace("{vm}", vm.name), ctx.zfs))
+    return True
 
 
 def stale_message(vm: VmInfo, new_parent: str) -> str:

@@ -289,12 +289,16 @@ class SnapshotFanoutRequest(TaskRequest):
     slot: Slot | None = None  # set by beat (hoster_tasks/beat.py)
 
 
+OnDiverged = Literal["discard", "keep"]  # the way back after a failover: see Replicator._settle_divergence
+
+
 class ReplicateRequest(TaskRequest):
     task_name: ClassVar[str] = "hoster.replication.replicate"
 
     vm: VmName
     endpoint: EndpointRef
     speed_limit: SpeedLimit | None = None
+    diverged: OnDiverged | None = None
 
     def check_settings(self, settings: Settings) -> None:
         _configured_endpoint(self, self.endpoint, settings)
@@ -347,6 +351,16 @@ class Handoff(BaseModel):
     target: Token | None = None
 
 
+class Settled(BaseModel):
+    """What the first link did with a diverged copy (Replicator._settle_divergence)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    discarded: Annotated[list[ShortSnapshot], Field(max_length=MAX_ITEMS)] | None = None
+    rolled_back_to: SnapshotRef | None = None
+    kept_as: DatasetName | None = None
+
+
 class LinkProgress(BaseModel):
     """What one link hands the next (replication/lifecycle.py `new_progress`)."""
 
@@ -362,6 +376,7 @@ class LinkProgress(BaseModel):
     complete: bool = False
     speed_limit: SpeedLimit | None = None
     handoff: Handoff | None = None
+    settled: Settled | None = None
 
 
 class StepRequest(TaskRequest):
@@ -373,6 +388,7 @@ class StepRequest(TaskRequest):
     speed_limit: SpeedLimit | None
     chain: Token
     report_to: Token | None = None
+    diverged: OnDiverged | None = None
 
     def check_settings(self, settings: Settings) -> None:
         _configured_endpoint(self, self.endpoint, settings)
@@ -418,11 +434,18 @@ class ChangeParentRequest(TaskRequest):
 
     vm: VmName
     start: bool = False
+    cireset: bool = False
+
+
+class CiresetRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.vm.cireset"
+
+    vm: VmName
 
 
 PUBLIC_REQUESTS: dict[str, type[TaskRequest]] = {
     m.task_name: m
     for m in (TakeRequest, TakeAllRequest, ListRequest, DestroyRequest, SnapshotFanoutRequest, ReplicateRequest,
               ReplicateAllRequest, ReplicationFanoutRequest, StepRequest, FinishRequest, ChainFailedRequest,
-              RollbackRequest, ChangeParentRequest, RetryFailedRequest)
+              RollbackRequest, ChangeParentRequest, CiresetRequest, RetryFailedRequest)
 }

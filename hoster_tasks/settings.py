@@ -156,6 +156,12 @@ class Settings(BaseSettings):
     vm_start_command: list[str] = Field(default_factory=lambda: ["hoster", "vm", "start", "{vm}"])
     vm_running_command: list[str] = Field(default_factory=lambda: ["test", "-e", "/dev/vmm/{vm}"])  # exit 0: runs
     vm_stop_timeout_seconds: float = 120.0
+    # `vm cireset` / `vm change-parent --cireset`: Hoster resets the guest's settings (cloud-init, passwords,
+    # network) for its new host; hoster-tasks only calls it and reports the outcome.
+    vm_cireset_command: list[str] = Field(default_factory=lambda: ["hoster", "vm", "cireset", "{vm}"])
+    # Where a raw-received encrypted copy's key is, for a failover: a file URL template ({vm}), e.g.
+    # "file:///root/keys/{vm}.key". Unset: a failover of an encrypted copy stops with a clear message.
+    vm_key_location: str | None = None
 
     @field_validator("redis_url")
     @classmethod

@@ -37,6 +37,8 @@ class VmControl(Protocol):
 
     def start(self, vm: str) -> None: ...
 
+    def cireset(self, vm: str) -> str: ...
+
 
 def _argv(template: Sequence[str], vm: str) -> list[str]:
     validate_vm(vm)
@@ -63,10 +65,14 @@ class HosterControl:
     def start(self, vm: str) -> None:
         self._checked(self.settings.vm_start_command, vm)
 
-    def _checked(self, template: Sequence[str], vm: str) -> None:
+    def cireset(self, vm: str) -> str:
+        return self._checked(self.settings.vm_cireset_command, vm)
+
+    def _checked(self, template: Sequence[str], vm: str) -> str:
         res = self._run(template, vm)
         if res.returncode != 0:
             raise CommandFailed(res.args, res.returncode, res.stderr or res.stdout)
+        return (res.stdout or res.stderr).strip()
 
 
 class FileControl:
@@ -98,6 +104,13 @@ class FileControl:
 
     def start(self, vm: str) -> None:
         self._set(vm, "start", "running")
+
+    def cireset(self, vm: str) -> str:
+        with self._state() as state:
+            state["calls"].append(["cireset", validate_vm(vm)])
+            if state.get("fail") == "cireset":
+                raise VmControlError(f"cireset of VM {vm} failed (as the state file asked)")
+        return f"{vm}: guest settings reset"
 
     def _set(self, vm: str, verb: str, status: str) -> None:
         with self._state() as state:

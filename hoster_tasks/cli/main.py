@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm")
     p.add_argument("--endpoint", required=True)
     p.add_argument("--speed-limit", type=_speed_limit, help="MB/s")
+    way_back = p.add_mutually_exclusive_group()  # a copy that went its own way (the old parent after a failover)
+    way_back.add_argument("--discard-diverged", dest="diverged", action="store_const", const="discard",
+                          help="roll the copy back to the newest common snapshot (its newer snapshots are destroyed)")
+    way_back.add_argument("--keep-diverged", dest="diverged", action="store_const", const="keep",
+                          help="keep the copy as <dataset>-diverged-<time>, then send in full")
     _add_wait(p)
     p = vm.add_parser("replicate-all", help="replicate every VM of the nodes that have this endpoint")
     p.add_argument("--endpoint", required=True)
@@ -97,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm")
     p.add_argument("--node", help="the node holding the copy (default: this node)")
     p.add_argument("--start", action="store_true", help="start the VM there afterwards")
+    p.add_argument("--cireset", action="store_true", help="then have Hoster reset its guest settings (vm cireset)")
+    _add_wait(p)
+    p = vm.add_parser("cireset", help="have Hoster reset a VM's guest settings for its host (cloud-init, network)")
+    p.add_argument("vm")
     _add_wait(p)
 
     fleet.add_commands(sub, vm, _add_wait)  # vm failed, vm retry, node list/forget, config check
@@ -232,15 +241,21 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads 
         from hoster_tasks.cli.progress import replication_summary
 
         if args.cmd == "replicate":
-            out = _wait(client.replicate(args.vm, args.endpoint, args.speed_limit), args, timeout)
+            out = _wait(client.replicate(args.vm, args.endpoint, args.speed_limit, args.diverged), args, timeout)
             if out is not None:
                 _print(out, args.json, replication_summary)
         elif args.cmd == "change-parent":
-            out = _wait(client.change_parent(args.vm, args.node or settings.node_name, args.start), args, timeout)
+            out = _wait(client.change_parent(args.vm, args.node or settings.node_name, args.start, args.cireset),
+                        args, timeout)
             if out is not None:
                 _print(out, args.json, lambda o: f"{o['vm']}: parent is now {o['parent']}"
                        + (f" (was {o['previous']})" if o.get("changed") else " (already)")
+                       + (f"; cireset: {o['cireset']}" if o.get("cireset") else "")
                        + ("; started" if o.get("started") else ""))
+        elif args.cmd == "cireset":
+            out = _wait(client.cireset(args.vm), args, timeout)
+            if out is not None:
+                _print(out, args.json, lambda o: str(o["cireset"]))
         else:
             # `--filter ,` names no VM: [] reaches the request model, which refuses it (it is not "every VM")
             vms = [v.strip() for v in args.filter.split(",") if v.strip()] if args.filter is not None else None

@@ -99,6 +99,11 @@ def replication_summary(result: dict[str, Any]) -> str:
             f"{len(item.get('sent', []))} snapshot(s), {item.get('bytes', 0)} bytes"
         )
         lines += [f"  pruned on target: {s}" for s in item.get("pruned_on_target", [])]
+        settled = item.get("settled") or {}
+        lines += [f"  diverged copy kept as: {settled['kept_as']}"] if settled.get("kept_as") else []
+        if settled.get("rolled_back_to"):
+            lines.append(f"  diverged copy rolled back to {settled['rolled_back_to']}, destroying: "
+                         + (", ".join(settled.get("discarded") or []) or "no snapshot"))
     lines += [f"skipped {s}" for s in result.get("skipped", [])]
     lines += [f"FAILED {f}" for f in result.get("failed", [])]
     return "\n".join(lines) or "nothing to do"

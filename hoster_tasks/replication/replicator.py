@@ -76,6 +76,8 @@ class Replicator:
         self._caps_cache = caps_cache
         self.active_locks: list[DatasetLock] = []  # the locks of the dataset being worked on (see locks())
         self.spared_on_target: list[str] = []  # held or busy snapshots the last target prune left alone
+        self.on_diverged: str | None = None  # "discard" | "keep": the user's choice for a diverged copy
+        self.settled: dict[str, Any] = {}  # what _settle_divergence did
         self.error_name: str | None = None  # the ERROR_ file a failure goes to; None: `to_<endpoint name>`
 
     @cached_property
@@ -163,8 +165,11 @@ class Replicator:
         target = self.endpoint.target_dataset(dataset)
         plan = plan_replication(sides.source[dataset], sides.target[target])
         if plan.action is Action.DIVERGED:
+            keep = "--keep-diverged (keep the copy as a renamed dataset, then send in full)"
+            choices = (f" To go on: --discard-diverged (roll the copy back to {plan.common.name}, destroying what "
+                       f"it has newer) or {keep}." if plan.common else f" To go on: {keep}.")
             raise Diverged(f"{self.ctx.settings.node_name}:{dataset} -> {self.endpoint.name}:{target} diverged: "
-                           f"{plan.reason}. Nothing was changed on either side.")
+                           f"{plan.reason}. Nothing was changed on either side.{choices}")
         return plan
 
     def prepare(self, dataset: str) -> tuple[Sides, Plan, int]:
@@ -177,7 +182,37 @@ class Replicator:
         resumed = self.resume(dataset, sides)
         if had_token:  # resumed or aborted: either way the target changed
             sides = self.list_sides([dataset])
+        if self.on_diverged is not None:
+            sides = self._settle_divergence(dataset, sides)
         return sides, self.plan(dataset, sides), resumed.bytes if resumed else 0
+
+    def _settle_divergence(self, dataset: str, sides: Sides) -> Sides:
+        """What the user chose for a copy that went its own way (the way back after a failover):
+        "discard" rolls the copy back to the newest common snapshot (destroying what it has newer, listed in
+        `self.settled`), "keep" renames it aside so a full send starts over. Returns the sides after it."""
+        target = self.endpoint.target_dataset(dataset)
+        tsnaps = sides.target.get(target)
+        if tsnaps is None:
+            return sides
+        plan = plan_replication(sides.source[dataset], tsnaps)
+        if self.on_diverged == "discard":
+            if plan.common is None:
+                raise Diverged(f"{self.endpoint.name}:{target} has no snapshot in common with {dataset}: there is "
+                               "nothing to roll it back to; use --keep-diverged. Nothing was changed")
+            common = next(s for s in tsnaps if s.guid == plan.common.guid)
+            self.settled = {"discarded": [s.name for s in tsnaps if s.createtxg > common.createtxg],
+                            "rolled_back_to": common.full}
+            self.guard()
+            self.target_shell.run(cmd.rollback(common.full, self.ctx.zfs))
+        elif plan.action is Action.DIVERGED:
+            kept = f"{target}-diverged-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+            self.settled = {"kept_as": kept}
+            self.guard()
+            self.target_shell.run(cmd.unmount(target, self.ctx.zfs), check=False)  # a mounted one is busy
+            self.target_shell.run(cmd.rename(target, kept, self.ctx.zfs))
+        else:
+            return sides
+        return self.list_sides([dataset])
 
     def check_receive_idle(self, dataset: str) -> None:
         """Busy (retried later), never diverged, while a `zfs receive` into the target runs there: a transfer

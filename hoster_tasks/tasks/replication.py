@@ -96,14 +96,16 @@ class LinkTask(ReplicationTask):
     abstract = True
 
     def rerun(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Rerun:
-        params = dict(zip(("prev", "dataset", "endpoint", "speed_limit", "chain", "report_to"), args, strict=False))
+        params = dict(zip(("prev", "dataset", "endpoint", "speed_limit", "chain", "report_to", "diverged"), args,
+                          strict=False))
         if self.name == finish.name:
             params = dict(zip(("prev", "dataset", "endpoint", "chain", "report_to"), args, strict=False))
         params.update(kwargs)
         prev = params.get("prev") or {}
         vm = vm_of(str(params["dataset"]), self.settings.datasets) or str(params["dataset"])
         speed = params.get("speed_limit", prev.get("speed_limit") if isinstance(prev, dict) else None)
-        return Rerun(replicate.name, [vm, params["endpoint"]], {"speed_limit": speed},
+        rerun_kwargs = {"speed_limit": speed, "diverged": params.get("diverged")}
+        return Rerun(replicate.name, [vm, params["endpoint"]], rerun_kwargs,
                      keys.node_queue(self.settings.node_name), params.get("report_to") or self.request.id,
                      self.rerun_headers())
 
@@ -120,15 +122,18 @@ def _fail(task: ReplicationTask, rep: Replicator, dataset: str, exc: BaseExcepti
 
 
 @app.task(name="hoster.replication.replicate", base=ReplicationTask, bind=True, request_model=ReplicateRequest)
-def replicate(self: ReplicationTask, vm: str, endpoint: str, speed_limit: float | None = None) -> Any:
-    """Full then incremental, automatically: replaced by the chain step | step | finish on this node."""
+def replicate(
+    self: ReplicationTask, vm: str, endpoint: str, speed_limit: float | None = None, diverged: str | None = None
+) -> Any:
+    """Full then incremental, automatically: replaced by the chain step | step | finish on this node.
+    `diverged` ("discard" | "keep"): what to do with a copy that went its own way (the way back)."""
     info = self.own_vm(vm)
     name = self.settings.endpoint(endpoint).name  # a bad endpoint fails here; the links use its name
     queue = keys.node_queue(self.settings.node_name)
     chain_id = uuid.uuid4().hex
     report_to = self.request.id
     links = chain(
-        step.si(None, info.dataset, name, speed_limit, chain_id, report_to).set(queue=queue),
+        step.si(None, info.dataset, name, speed_limit, chain_id, report_to, diverged).set(queue=queue),
         step.s(info.dataset, name, speed_limit, chain_id, report_to).set(queue=queue),
         finish.s(info.dataset, name, chain_id, report_to).set(queue=queue),
     )
@@ -154,18 +159,22 @@ def _claim(src: DatasetLock, tgt: DatasetLock, acc: dict[str, Any]) -> None:
 @app.task(name="hoster.replication.step", base=LinkTask, bind=True, request_model=StepRequest)
 def step(
     self: LinkTask, prev: dict[str, Any] | None, dataset: str, endpoint: str,
-    speed_limit: float | None, chain: str, report_to: str | None = None,
+    speed_limit: float | None, chain: str, report_to: str | None = None, diverged: str | None = None,
 ) -> dict[str, Any]:
-    """Plan now and run the plan's first step (a full send, or an incremental to the newest)."""
+    """Plan now and run the plan's first step (a full send, or an incremental to the newest). `diverged`
+    (first link only): settle a diverged copy first, as the user chose."""
     self.owned_dataset(dataset)
     if prev and prev.get("complete"):  # the first link's plan had one step and it ran: nothing left here
         return prev
     rep = self.replicator(endpoint, speed_limit, report_to)
+    rep.on_diverged = diverged
     acc = dict(prev) if prev else {**new_progress(rep, dataset), "speed_limit": speed_limit}
     src_lock, tgt_lock = rep.locks(dataset, chain)
     try:
         _claim(src_lock, tgt_lock, acc)
         advance(rep, dataset, acc, max_steps=1)
+        if rep.settled:
+            acc["settled"] = rep.settled
         acc["handoff"] = {"source": src_lock.hand_off(), "target": tgt_lock.hand_off()}
         return acc
     except DuplicateDelivery as exc:

@@ -11,7 +11,7 @@ from hoster_tasks.errors import Busy
 from hoster_tasks.failover import change_parent
 from hoster_tasks.nodes import live_nodes
 from hoster_tasks.observability.sentry import report_context
-from hoster_tasks.requests import ChangeParentRequest, RollbackRequest
+from hoster_tasks.requests import ChangeParentRequest, CiresetRequest, RollbackRequest
 from hoster_tasks.restore import RollbackOptions, rollback
 from hoster_tasks.snapshots import NodeContext
 from hoster_tasks.tasks.base import NodeTask
@@ -46,9 +46,16 @@ def rollback_vm(
 
 
 @app.task(name="hoster.vm.change_parent", base=NodeTask, bind=True, request_model=ChangeParentRequest)
-def change_parent_task(self: NodeTask, vm: str, start: bool = False) -> dict[str, Any]:
+def change_parent_task(self: NodeTask, vm: str, start: bool = False, cireset: bool = False) -> dict[str, Any]:
     """Failover on the node holding the copy: this node becomes the VM's parent (failover.py)."""
     info = self.find_vm(vm)
     report_context(vm=vm, dataset=info.dataset, node=self.settings.node_name)
     ctx = NodeContext(self.settings, self.shell, self.caps, self.redis)
-    return change_parent(ctx, vm_control(self.settings), info, live_nodes(self.redis), start)
+    return change_parent(ctx, vm_control(self.settings), info, live_nodes(self.redis), start, cireset)
+
+
+@app.task(name="hoster.vm.cireset", base=NodeTask, bind=True, request_model=CiresetRequest)
+def cireset_task(self: NodeTask, vm: str) -> dict[str, Any]:
+    """Hoster resets the guest's settings for this host (`hoster vm cireset`): called, its outcome reported."""
+    info = self.own_vm(vm)
+    return {"vm": vm, "dataset": info.dataset, "cireset": vm_control(self.settings).cireset(vm)}

@@ -160,9 +160,24 @@ def set_readonly(dataset: str, zfs: str = ZFS) -> list[str]:
     return [zfs, "set", "readonly=on", validate_dataset(dataset)]
 
 
+def rename(dataset: str, new_name: str, zfs: str = ZFS) -> list[str]:
+    return [zfs, "rename", validate_dataset(dataset), validate_dataset(new_name)]
+
+
 def set_writable(dataset: str, zfs: str = ZFS) -> list[str]:
     """A copy that became the VM (failover): it must be writable to run."""
     return [zfs, "set", "readonly=off", validate_dataset(dataset)]
+
+
+def load_key(dataset: str, location: str, zfs: str = ZFS) -> list[str]:
+    """An encrypted dataset's key from a file (`file:///path`, the only form accepted here)."""
+    if not re.fullmatch(r"file:///[A-Za-z0-9_.:/@+-]+", location) or "/../" in location:
+        raise ValueError(f"key location must be file:///<path> with a plain path, not {location!r}")
+    return [zfs, "load-key", "-L", location, validate_dataset(dataset)]
+
+
+def unmount(dataset: str, zfs: str = ZFS) -> list[str]:
+    return [zfs, "umount", validate_dataset(dataset)]
 
 
 def mount(dataset: str, zfs: str = ZFS) -> list[str]:

@@ -41,9 +41,10 @@ def test_failover_then_the_old_parent_comes_back_and_is_fenced(
     client = redis_lib.Redis.from_url(redis_server.url)
     wait_until(lambda: not client.exists(keys.node(src.name)), 30, "the old parent to drop out of the registry")
 
-    moved = cli("vm", "change-parent", "vm1", "--node", dst.name, "--start", "--json")
+    moved = cli("vm", "change-parent", "vm1", "--node", dst.name, "--start", "--cireset", "--json")
     assert moved.returncode == 0, moved.stderr
     assert json.loads(moved.stdout)["previous"] == src.name
+    assert json.loads(states.read_text())["calls"] == [["cireset", "vm1"], ["start", "vm1"]]
     assert hz.get_property(copy, PARENT_PROPERTY) == dst.name and hz.get_property(copy, "readonly") == "off"
     assert json.loads((hz.mount(copy) / "vm_config.json").read_text())["parent_host"] == dst.name
     assert json.loads(states.read_text())["vms"]["vm1"] == "running"
@@ -70,3 +71,52 @@ def test_failover_then_the_old_parent_comes_back_and_is_fenced(
     # set on the dataset: its current (read-write) mount shows "off, temporary" until it is unmounted
     subprocess.run(["zfs", "umount", vm], check=True)
     assert hz.get_property(vm, "readonly") == "on"
+
+
+def test_the_way_back_when_the_old_parent_ran_on_after_the_last_sync(
+    node_factory, pool_factory, worker_factory, cli, redis_server, tmp_path
+):
+    states = tmp_path / "vms.json"
+    states.write_text(json.dumps({"vms": {}}))
+    control = {"HOSTER_VM_CONTROL": "file", "HOSTER_VM_STATE_FILE": str(states)}
+    src, dst, psrc, pdst, old_worker = two_nodes(node_factory, pool_factory, worker_factory, vms=("keep", "drop"),
+                                                 **control)
+    for name in ("keep", "drop"):
+        hz.write_random(psrc.ds(f"{VMS_ROOT}/{name}"), 1)
+        cli("snapshot", "new", name)
+        replicate_json(cli, name, dst.name)
+    back = src.endpoint(root_map={pdst.ds(VMS_ROOT): psrc.ds(VMS_ROOT)}, connect_timeout=3, keepalive_seconds=1)
+    worker_factory(dst, node_env(pdst, HOSTER_TARGETS=[back], **control))
+    old_worker.stop()
+    src.link_down()
+    ran_on = {}
+    for name in ("keep", "drop"):  # cut off, the old parent ran on: new data and a snapshot of its own
+        ds = psrc.ds(f"{VMS_ROOT}/{name}")
+        hz.write_random(ds, 1, "after-the-last-sync.bin")
+        hz.snapshot(ds, "hourly_2099-01-01_00-33-00")
+        ran_on[name] = _digest(ds)
+    client = redis_lib.Redis.from_url(redis_server.url)
+    wait_until(lambda: not client.exists(keys.node(src.name)), 30, "the old parent to drop out of the registry")
+    for name in ("keep", "drop"):
+        assert cli("vm", "change-parent", name, "--node", dst.name).returncode == 0
+        hz.write_random(pdst.ds(f"{VMS_ROOT}/{name}"), 1, "on-the-new-parent.bin")
+        cli("snapshot", "new", name)
+    src.link_up()
+    worker_factory(src, old_worker.env)
+
+    refused = cli("vm", "replicate", "keep", "--endpoint", src.name)
+    assert refused.returncode == 1 and "--discard-diverged" in refused.stderr and "--keep-diverged" in refused.stderr
+    assert _digest(psrc.ds(f"{VMS_ROOT}/keep")) == ran_on["keep"]  # nothing silently rolled back
+
+    # zfs-fuse cannot rename a dataset mounted in another mount namespace (this test's): unmount it here, as
+    # a stopped VM's dataset is on a real node
+    subprocess.run(["zfs", "umount", psrc.ds(f"{VMS_ROOT}/keep")], check=True)
+    kept = replicate_json(cli, "keep", src.name, "--keep-diverged")
+    aside = kept["settled"]["kept_as"]
+    assert aside.startswith(psrc.ds(f"{VMS_ROOT}/keep-diverged-")) and _digest(aside) == ran_on["keep"]
+    assert guids(psrc.ds(f"{VMS_ROOT}/keep")) == guids(pdst.ds(f"{VMS_ROOT}/keep")) and kept["action"] == "full"
+
+    dropped = replicate_json(cli, "drop", src.name, "--discard-diverged")
+    assert dropped["settled"]["discarded"] == ["hourly_2099-01-01_00-33-00"]
+    assert dropped["action"] == "incremental"
+    assert guids(psrc.ds(f"{VMS_ROOT}/drop")) == guids(pdst.ds(f"{VMS_ROOT}/drop"))
