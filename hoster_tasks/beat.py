@@ -90,7 +90,8 @@ class HosterScheduler(RedBeatScheduler):  # type: ignore[misc]
                 record_missed(self._client, entry.name, missed)
             if entry.task in SLOT_TASKS:
                 entry.kwargs = {**(entry.kwargs or {}), "slot": slot}
-        return super().apply_async(entry, producer, advance, **kwargs)
+        # keywords: sentry-sdk wraps RedBeat's apply_async and unpacks exactly (scheduler, entry) positionally
+        return super().apply_async(entry, producer=producer, advance=advance, **kwargs)
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
