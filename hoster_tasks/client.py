@@ -30,6 +30,7 @@ from hoster_tasks.requests import (
     CiresetRequest,
     DestroyRequest,
     ListRequest,
+    MoveRequest,
     ReplicateAllRequest,
     ReplicateRequest,
     RetryFailedRequest,
@@ -48,6 +49,7 @@ REPLICATE_ALL = ReplicateAllRequest.task_name
 ROLLBACK = RollbackRequest.task_name
 CHANGE_PARENT = ChangeParentRequest.task_name
 CIRESET = CiresetRequest.task_name
+MOVE = MoveRequest.task_name
 
 
 class Client:
@@ -102,6 +104,12 @@ class Client:
         if holder is None or not any(v.name == req.vm for v in holder.vms):
             raise UnknownVM(f"node {node} is not live or holds no copy of VM {req.vm}")
         return self._send(CHANGE_PARENT, holder.name, req.vm, start=req.start, cireset=req.cireset)
+
+    def move(self, vm: str, to: str, start: bool = True) -> AsyncResult:
+        """Planned failover of `vm` from its parent to node `to`; the result is the new parent's."""
+        req = MoveRequest.of(vm=vm, to=to, start=start)
+        node, _ = locate_vm(self.redis, req.vm)
+        return self._send(MOVE, node.name, req.vm, req.to, start=req.start)
 
     def cireset(self, vm: str) -> AsyncResult:
         req = CiresetRequest.of(vm=vm)

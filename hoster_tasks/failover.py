@@ -15,14 +15,18 @@ previous parent: it no longer snapshots or replicates its own stale copy, and sa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from hoster_tasks.errors import Permanent
 from hoster_tasks.hoster_config import set_parent_host
-from hoster_tasks.nodes import NodeInfo, VmInfo, record_owner
-from hoster_tasks.snapshots import NodeContext
-from hoster_tasks.vmctl import VmControl
+from hoster_tasks.nodes import NodeInfo, VmInfo, inventory, publish, record_owner
+from hoster_tasks.replication.lifecycle import replicate_one
+from hoster_tasks.replication.replicator import Replicator
+from hoster_tasks.snapshots import NodeContext, take
+from hoster_tasks.vmctl import VmControl, stop_confirmed
 from hoster_tasks.zfs import commands as cmd
 from hoster_tasks.zfs import ops
 
@@ -81,3 +85,29 @@ def load_key_if_needed(ctx: NodeContext, vm: VmInfo) -> bool:
 def stale_message(vm: VmInfo, new_parent: str) -> str:
     return (f"{vm.dataset}: VM {vm.name} was taken over by node {new_parent} (change-parent) while this node was "
             "away: this copy is stale and is neither snapshotted nor replicated here")
+
+
+def hand_over(ctx: NodeContext, ctl: VmControl, vm: VmInfo, rep: Replicator, live: Sequence[NodeInfo],
+              now: datetime) -> dict[str, Any]:
+    """A planned move (`vm move VM --to NODE`), this node's part: stop the VM, take a last snapshot, send
+    everything to the new node, then mark this dataset as the new node's copy and say so in the registry.
+    The new node's change_parent runs next. A failure before the hand-over starts the VM here again."""
+    to = rep.endpoint.name
+    if not any(n.name == to for n in live):
+        raise FailoverRefused(f"node {to} is not live: nothing was changed")
+    running = ctl.is_running(vm.name)
+    try:
+        if running:
+            stop_confirmed(ctl, vm.name, ctx.settings.vm_stop_timeout_seconds)
+        take(ctx, [vm.dataset], "custom", None, now)
+        sent = replicate_one(rep, vm.dataset)
+        with ctx.lock(vm.dataset) as lock:
+            lock.check()
+            ops.set_property(ctx.shell, vm.dataset, ops.PARENT_PROPERTY, to, ctx.zfs)
+            ctx.shell.run(cmd.set_readonly(vm.dataset, ctx.zfs))
+    except BaseException:
+        if running:
+            ctl.start(vm.name)  # the move did not happen: the VM must not stay down
+        raise
+    publish(ctx.redis, ctx.settings, inventory(ctx.shell, ctx.settings), time.time())  # not the owner any more
+    return {"vm": vm.name, "to": to, "was_running": running, "sent": sent["sent"], "bytes": sent["bytes"]}

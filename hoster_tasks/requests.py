@@ -437,6 +437,17 @@ class ChangeParentRequest(TaskRequest):
     cireset: bool = False
 
 
+class MoveRequest(TaskRequest):
+    task_name: ClassVar[str] = "hoster.vm.move"
+
+    vm: VmName
+    to: ScriptName  # the new node: one of this node's targets, by name
+    start: bool = True
+
+    def check_settings(self, settings: Settings) -> None:
+        _configured_endpoint(self, self.to, settings)
+
+
 class CiresetRequest(TaskRequest):
     task_name: ClassVar[str] = "hoster.vm.cireset"
 
@@ -447,5 +458,5 @@ PUBLIC_REQUESTS: dict[str, type[TaskRequest]] = {
     m.task_name: m
     for m in (TakeRequest, TakeAllRequest, ListRequest, DestroyRequest, SnapshotFanoutRequest, ReplicateRequest,
               ReplicateAllRequest, ReplicationFanoutRequest, StepRequest, FinishRequest, ChainFailedRequest,
-              RollbackRequest, ChangeParentRequest, CiresetRequest, RetryFailedRequest)
+              RollbackRequest, ChangeParentRequest, CiresetRequest, MoveRequest, RetryFailedRequest)
 }

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", action="store_true", help="start the VM there afterwards")
     p.add_argument("--cireset", action="store_true", help="then have Hoster reset its guest settings (vm cireset)")
     _add_wait(p)
+    p = vm.add_parser("move", help="planned failover: stop, last sync, start on NODE (nothing is lost)")
+    p.add_argument("vm")
+    p.add_argument("--to", required=True, help="the new node (one of this VM's targets)")
+    p.add_argument("--no-start", action="store_true", help="leave it stopped on the new node")
+    _add_wait(p)
     p = vm.add_parser("cireset", help="have Hoster reset a VM's guest settings for its host (cloud-init, network)")
     p.add_argument("vm")
     _add_wait(p)
@@ -251,6 +256,11 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads 
                 _print(out, args.json, lambda o: f"{o['vm']}: parent is now {o['parent']}"
                        + (f" (was {o['previous']})" if o.get("changed") else " (already)")
                        + (f"; cireset: {o['cireset']}" if o.get("cireset") else "")
+                       + ("; started" if o.get("started") else ""))
+        elif args.cmd == "move":
+            out = _wait(client.move(args.vm, args.to, not args.no_start), args, timeout)
+            if out is not None:
+                _print(out, args.json, lambda o: f"{o['vm']}: moved, parent is now {o['parent']}"
                        + ("; started" if o.get("started") else ""))
         elif args.cmd == "cireset":
             out = _wait(client.cireset(args.vm), args, timeout)

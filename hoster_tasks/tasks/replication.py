@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 class ReplicationTask(NodeTask):
     abstract = True
     # transient failures (connection lost, timeout, lock busy) retry with exponential backoff and jitter
-    autoretry_for = (Transient,)
+    autoretry_for: tuple[type[Exception], ...] = (Transient,)
     retry_backoff = True
     retry_jitter = True
     max_retries = get_settings().retry_max

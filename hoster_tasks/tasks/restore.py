@@ -3,20 +3,25 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from hoster_tasks import keys
 from hoster_tasks.celery_app import app
 from hoster_tasks.errors import Busy
-from hoster_tasks.failover import change_parent
+from hoster_tasks.failover import change_parent, hand_over
 from hoster_tasks.nodes import live_nodes
 from hoster_tasks.observability.sentry import report_context
-from hoster_tasks.requests import ChangeParentRequest, CiresetRequest, RollbackRequest
+from hoster_tasks.requests import ChangeParentRequest, CiresetRequest, MoveRequest, RollbackRequest
 from hoster_tasks.restore import RollbackOptions, rollback
 from hoster_tasks.snapshots import NodeContext
 from hoster_tasks.tasks.base import NodeTask
+from hoster_tasks.tasks.replication import ReplicationTask
 from hoster_tasks.tasks.snapshot import _wait_busy
 from hoster_tasks.vmctl import vm_control
+
+log = logging.getLogger(__name__)
 
 
 @app.task(name="hoster.snapshot.rollback", base=NodeTask, bind=True, request_model=RollbackRequest)
@@ -59,3 +64,23 @@ def cireset_task(self: NodeTask, vm: str) -> dict[str, Any]:
     """Hoster resets the guest's settings for this host (`hoster vm cireset`): called, its outcome reported."""
     info = self.own_vm(vm)
     return {"vm": vm, "dataset": info.dataset, "cireset": vm_control(self.settings).cireset(vm)}
+
+
+class MoveTask(ReplicationTask):
+    abstract = True
+    autoretry_for: tuple[type[Exception], ...] = ()  # a move stops a VM: never retried behind the operator's back
+
+
+@app.task(name="hoster.vm.move", base=MoveTask, bind=True, request_model=MoveRequest)
+def move_vm(self: MoveTask, vm: str, to: str, start: bool = True) -> Any:
+    """A planned failover: stop, final sync, hand over (here), then change_parent on `to` (replaces this
+    task, so the result is the new parent's). Nothing is lost: the VM was stopped for the last send."""
+    info = self.own_vm(vm)
+    rep = self.replicator(to, None, self.request.id)
+    try:
+        done = hand_over(NodeContext(self.settings, self.shell, self.caps, self.redis), vm_control(self.settings),
+                         info, rep, live_nodes(self.redis), datetime.now(UTC))
+    finally:
+        rep.close()
+    log.info("handed %s over to %s: %s", vm, rep.endpoint.name, done)
+    raise self.replace(change_parent_task.si(vm, start).set(queue=keys.node_queue(rep.endpoint.name)))

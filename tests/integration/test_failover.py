@@ -120,3 +120,29 @@ def test_the_way_back_when_the_old_parent_ran_on_after_the_last_sync(
     assert dropped["settled"]["discarded"] == ["hourly_2099-01-01_00-33-00"]
     assert dropped["action"] == "incremental"
     assert guids(psrc.ds(f"{VMS_ROOT}/drop")) == guids(pdst.ds(f"{VMS_ROOT}/drop"))
+
+
+def test_a_planned_move_loses_nothing(node_factory, pool_factory, worker_factory, cli, tmp_path):
+    states = tmp_path / "vms.json"
+    states.write_text(json.dumps({"vms": {"vm1": "running"}}))
+    control = {"HOSTER_VM_CONTROL": "file", "HOSTER_VM_STATE_FILE": str(states)}
+    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory, **control)
+    vm, copy = psrc.ds(f"{VMS_ROOT}/vm1"), pdst.ds(f"{VMS_ROOT}/vm1")
+    hz.write_random(vm, 2)
+    cli("snapshot", "new", "vm1")
+    replicate_json(cli, "vm1", dst.name)
+    back = src.endpoint(root_map={pdst.ds(VMS_ROOT): psrc.ds(VMS_ROOT)}, connect_timeout=3)
+    worker_factory(dst, node_env(pdst, HOSTER_TARGETS=[back], **control))
+    hz.write_random(vm, 1, "written-just-before-the-move.bin")  # not in any snapshot yet
+    last = _digest(vm)
+
+    moved = cli("vm", "move", "vm1", "--to", dst.name, "--json")
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["parent"] == dst.name
+    assert [c[0] for c in json.loads(states.read_text())["calls"]] == ["stop", "start"]
+    assert _digest(copy) == last and guids(copy) == guids(vm)
+    assert hz.get_property(copy, PARENT_PROPERTY) == dst.name and hz.get_property(copy, "readonly") == "off"
+    assert hz.get_property(vm, PARENT_PROPERTY) == dst.name  # the old parent's dataset is now the copy
+    hz.write_random(copy, 1, "on-the-new-parent.bin")
+    cli("snapshot", "new", "vm1")
+    assert replicate_json(cli, "vm1", src.name)["action"] == "incremental"  # the new direction, at once
