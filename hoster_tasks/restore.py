@@ -114,6 +114,7 @@ def _run(ctx: NodeContext, ctl: VmControl, vm: VmInfo, plan: RollbackPlan, runni
         if opts.keep_newer:
             done["kept_as"] = _keep_current_state(ctx, vm, now, lock)
         lock.check()
+        _release_bases(ctx, plan)
         ctx.shell.run(cmd.rollback(plan.target.full, ctx.zfs))
         done["rolled_back"] = True
         done["deferred_prunes"] = run_deferred_prunes(ctx, vm.dataset, lock)
@@ -122,6 +123,13 @@ def _run(ctx: NodeContext, ctl: VmControl, vm: VmInfo, plan: RollbackPlan, runni
             ctl.start(vm.name)
             done["started"] = True
     return done
+
+
+def _release_bases(ctx: NodeContext, plan: RollbackPlan) -> None:
+    """The user agreed to destroy these replication bases (destroy_base): our holds on them go first."""
+    for snap in plan.bases:
+        for target in ctx.settings.targets:
+            ctx.shell.run(cmd.release(ops.hold_tag(target.name), snap.full, ctx.zfs), check=False)
 
 
 def _keep_current_state(ctx: NodeContext, vm: VmInfo, now: datetime, lock: DatasetLock) -> str:

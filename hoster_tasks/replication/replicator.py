@@ -203,6 +203,9 @@ class Replicator:
             self.settled = {"discarded": [s.name for s in tsnaps if s.createtxg > common.createtxg],
                             "rolled_back_to": common.full}
             self.guard()
+            for snap in tsnaps:  # our own holds on what the user agreed to discard go first
+                if snap.createtxg > common.createtxg and snap.userrefs:
+                    self.target_shell.run(cmd.release(self.tag, snap.full, self.ctx.zfs), check=False)
             self.target_shell.run(cmd.rollback(common.full, self.ctx.zfs))
         elif plan.action is Action.DIVERGED:
             kept = f"{target}-diverged-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"

@@ -123,8 +123,11 @@ def test_a_replication_base_is_not_destroyed_without_destroy_base(
     assert snapshot_names(vm) == before
     done = cli("snapshot", "rollback", "vm1", before[0], "--yes", "--destroy-base", "--json")
     assert done.returncode == 0, done.stderr
-    again = cli("vm", "replicate", "vm1", "--endpoint", dst.name)  # says clearly why it cannot
-    assert again.returncode == 1 and "diverged" in again.stderr
+    again = cli("vm", "replicate", "vm1", "--endpoint", dst.name)  # says clearly why it cannot, and what to do
+    assert again.returncode == 1 and "diverged" in again.stderr and "--discard-diverged" in again.stderr
+    onward = replicate_json(cli, "vm1", dst.name, "--discard-diverged")  # the copy follows the rollback
+    assert onward["settled"]["discarded"] == before[1:]
+    assert snapshot_names(pdst.ds(f"{VMS_ROOT}/vm1")) == snapshot_names(vm)
 
 
 def test_a_dry_run_changes_nothing_and_a_changed_list_is_refused(
