@@ -20,20 +20,28 @@ def _digest(dataset: str) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
 
 
+def _both_nodes(node_factory, pool_factory, worker_factory, tmp_path, vms=("vm1",), **states: str):  # type: ignore[no-untyped-def]
+    """A parent `src` and a node `dst` with its copies, each with a worker; `dst` can replicate back. VM
+    states (running or not) are kept in a file both workers share: one VM runs in one place."""
+    path = tmp_path / "vms.json"
+    path.write_text(json.dumps({"vms": states}))
+    control = {"HOSTER_VM_CONTROL": "file", "HOSTER_VM_STATE_FILE": str(path)}
+    src, dst, psrc, pdst, parent = two_nodes(node_factory, pool_factory, worker_factory, vms=vms, **control)
+    back = src.endpoint(root_map={pdst.ds(VMS_ROOT): psrc.ds(VMS_ROOT)}, connect_timeout=3, keepalive_seconds=1)
+    worker_factory(dst, node_env(pdst, HOSTER_TARGETS=[back], **control))
+    return src, dst, psrc, pdst, parent, path
+
+
 def test_failover_then_the_old_parent_comes_back_and_is_fenced(
     node_factory, pool_factory, worker_factory, cli, redis_server, tmp_path
 ):
-    states = tmp_path / "vms.json"
-    states.write_text(json.dumps({"vms": {"vm1": "stopped"}}))
-    control = {"HOSTER_VM_CONTROL": "file", "HOSTER_VM_STATE_FILE": str(states)}
-    src, dst, psrc, pdst, old_worker = two_nodes(node_factory, pool_factory, worker_factory, **control)
+    src, dst, psrc, pdst, old_worker, states = _both_nodes(node_factory, pool_factory, worker_factory, tmp_path,
+                                                           vm1="stopped")
     vm, copy = psrc.ds(f"{VMS_ROOT}/vm1"), pdst.ds(f"{VMS_ROOT}/vm1")
     hz.write_random(vm, 2)
     (hz.mount(vm) / "vm_config.json").write_text(json.dumps({"parent_host": "src", "cpu": "2"}, indent=3))
     cli("snapshot", "new", "vm1")
     replicate_json(cli, "vm1", dst.name)
-    back = src.endpoint(root_map={pdst.ds(VMS_ROOT): psrc.ds(VMS_ROOT)}, connect_timeout=3, keepalive_seconds=1)
-    worker_factory(dst, node_env(pdst, HOSTER_TARGETS=[back], **control))
 
     # the parent is lost: its worker gone, its link cut
     old_worker.stop()
@@ -76,17 +84,12 @@ def test_failover_then_the_old_parent_comes_back_and_is_fenced(
 def test_the_way_back_when_the_old_parent_ran_on_after_the_last_sync(
     node_factory, pool_factory, worker_factory, cli, redis_server, tmp_path
 ):
-    states = tmp_path / "vms.json"
-    states.write_text(json.dumps({"vms": {}}))
-    control = {"HOSTER_VM_CONTROL": "file", "HOSTER_VM_STATE_FILE": str(states)}
-    src, dst, psrc, pdst, old_worker = two_nodes(node_factory, pool_factory, worker_factory, vms=("keep", "drop"),
-                                                 **control)
+    src, dst, psrc, pdst, old_worker, _ = _both_nodes(node_factory, pool_factory, worker_factory, tmp_path,
+                                                      vms=("keep", "drop"))
     for name in ("keep", "drop"):
         hz.write_random(psrc.ds(f"{VMS_ROOT}/{name}"), 1)
         cli("snapshot", "new", name)
         replicate_json(cli, name, dst.name)
-    back = src.endpoint(root_map={pdst.ds(VMS_ROOT): psrc.ds(VMS_ROOT)}, connect_timeout=3, keepalive_seconds=1)
-    worker_factory(dst, node_env(pdst, HOSTER_TARGETS=[back], **control))
     old_worker.stop()
     src.link_down()
     ran_on = {}
@@ -123,16 +126,11 @@ def test_the_way_back_when_the_old_parent_ran_on_after_the_last_sync(
 
 
 def test_a_planned_move_loses_nothing(node_factory, pool_factory, worker_factory, cli, tmp_path):
-    states = tmp_path / "vms.json"
-    states.write_text(json.dumps({"vms": {"vm1": "running"}}))
-    control = {"HOSTER_VM_CONTROL": "file", "HOSTER_VM_STATE_FILE": str(states)}
-    src, dst, psrc, pdst, _ = two_nodes(node_factory, pool_factory, worker_factory, **control)
+    src, dst, psrc, pdst, _, states = _both_nodes(node_factory, pool_factory, worker_factory, tmp_path, vm1="running")
     vm, copy = psrc.ds(f"{VMS_ROOT}/vm1"), pdst.ds(f"{VMS_ROOT}/vm1")
     hz.write_random(vm, 2)
     cli("snapshot", "new", "vm1")
     replicate_json(cli, "vm1", dst.name)
-    back = src.endpoint(root_map={pdst.ds(VMS_ROOT): psrc.ds(VMS_ROOT)}, connect_timeout=3)
-    worker_factory(dst, node_env(pdst, HOSTER_TARGETS=[back], **control))
     hz.write_random(vm, 1, "written-just-before-the-move.bin")  # not in any snapshot yet
     last = _digest(vm)
 

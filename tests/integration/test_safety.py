@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis as redis_lib
 from celery.result import AsyncResult
 from harness import zfs as hz
@@ -174,8 +175,9 @@ def test_a_busy_worker_reserves_no_message_it_cannot_start(
 # -- 5. a lost job is found and re-run ----------------------------------------------------------------------------
 
 
-def test_a_job_lost_with_its_worker_is_requeued_and_the_waiting_cli_follows_it(
-    node_factory, pool_factory, worker_factory, cli, redis_server
+@pytest.mark.parametrize("what", ["worker", "pool process"])
+def test_a_job_lost_mid_transfer_is_requeued_and_the_waiting_cli_follows_it(
+    node_factory, pool_factory, worker_factory, cli, redis_server, what
 ):
     src, dst, psrc, pdst, worker = two_nodes(node_factory, pool_factory, worker_factory, HOSTER_LOCK_LEASE_SECONDS=3)
     vm, copy = psrc.ds(f"{VMS_ROOT}/vm1"), pdst.ds(f"{VMS_ROOT}/vm1")
@@ -188,39 +190,18 @@ def test_a_job_lost_with_its_worker_is_requeued_and_the_waiting_cli_follows_it(
     thread.start()
     _wait_for_lock(client, src.name, vm)
     time.sleep(1)
-    worker.kill()  # SIGKILL to every process of the worker, mid-transfer
-    worker_factory(src, worker.env)  # systemd restarts it
+    if what == "worker":
+        worker.kill()  # SIGKILL to every process of the worker, mid-transfer
+        worker = worker_factory(src, worker.env)  # systemd restarts it
+    else:  # Celery itself fails the job (WorkerLostError) at once; the worker lives on
+        [job] = [json.loads(v) for v in client.hgetall(keys.running_jobs(src.name)).values()]
+        os.kill(job["pid"], signal.SIGKILL)
     thread.join()
     res = waiting["res"]
     assert res.returncode == 0, res.stderr
     assert "the worker running this job died; re-queued as" in res.stderr
     assert guids(copy) == guids(vm)
-    status = json.loads(cli("status", "--json").stdout)
-    assert status["running"] == []  # no phantom job left behind
-
-
-def test_a_pool_process_killed_mid_job_is_requeued_and_the_waiting_cli_follows_it(
-    node_factory, pool_factory, worker_factory, cli, redis_server
-):
-    src, dst, psrc, pdst, worker = two_nodes(node_factory, pool_factory, worker_factory, HOSTER_LOCK_LEASE_SECONDS=3)
-    vm, copy = psrc.ds(f"{VMS_ROOT}/vm1"), pdst.ds(f"{VMS_ROOT}/vm1")
-    hz.write_random(vm, 10)
-    cli("snapshot", "new", "vm1")
-    client = redis_lib.Redis.from_url(redis_server.url)
-    waiting: dict[str, subprocess.CompletedProcess[str]] = {}
-    thread = threading.Thread(target=lambda: waiting.setdefault("res", cli(
-        "vm", "replicate", "vm1", "--endpoint", dst.name, "--speed-limit", "2", timeout=240)))
-    thread.start()
-    _wait_for_lock(client, src.name, vm)
-    time.sleep(1)
-    [job] = [json.loads(v) for v in client.hgetall(keys.running_jobs(src.name)).values()]
-    os.kill(job["pid"], signal.SIGKILL)  # the pool process only: the worker itself lives on
-    thread.join()
-    res = waiting["res"]
-    assert res.returncode == 0, res.stderr
-    assert "the worker running this job died; re-queued as" in res.stderr
-    assert guids(copy) == guids(vm)
-    assert json.loads(cli("status", "--json").stdout)["running"] == []
+    assert json.loads(cli("status", "--json").stdout)["running"] == []  # no phantom job left behind
     assert worker.running
 
 

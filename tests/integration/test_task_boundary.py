@@ -25,7 +25,7 @@ from scenario import VMS_ROOT, make_vms, node_env, snapshot_names
 
 from hoster_tasks import keys
 from hoster_tasks.errors import InvalidRequest
-from hoster_tasks.requests import KEEP_MAX, SPEED_LIMIT_MAX
+from hoster_tasks.requests import KEEP_MAX, PUBLIC_REQUESTS, SPEED_LIMIT_MAX
 
 NODE = "tb1"
 ENDPOINT = "backup1"  # configured, never contacted: no valid replication is ever sent here
@@ -166,6 +166,10 @@ bad_progress = (st.text(max_size=10) | st.integers() | st.lists(_word, max_size=
                 | st.builds(lambda k, v: {k: v}, _progress_fields, bad_name | st.integers(max_value=-1))
                 | st.builds(lambda k: {k: 1}, _word.filter(lambda w: w not in ("bytes", "seconds")))
                 | bad_token.map(lambda t: {"handoff": {"source": t}}))
+bad_slot = (st.booleans() | st.text(max_size=10) | st.floats() | st.integers(max_value=946_684_799)
+            | st.integers(946_684_800, 4_102_444_800).filter(lambda n: n % 60 != 0))
+bad_diverged = bad_name | st.sampled_from(["Discard", "rollback", "force"])
+bad_flag = st.integers() | st.text(max_size=5) | st.none() | st.lists(st.booleans(), max_size=2)  # not a bool
 _json = st.none() | st.booleans() | st.integers(-100, 100) | st.text(max_size=10) | st.lists(st.integers(), max_size=2)
 
 
@@ -185,17 +189,28 @@ class Spec:
 SPECS = {
     "take": Spec("hoster.snapshot.take", {"vm": "vm1", "stype": "hourly", "keep": None, "first_try": None},
                  {"vm": bad_required_name, "stype": bad_stype, "keep": bad_keep, "first_try": bad_first_try}),
-    "take_all": Spec("hoster.snapshot.take_all", {"stype": "hourly", "keep": 3, "only": None, "first_try": None},
-                     {"stype": bad_stype, "keep": bad_required_keep, "only": bad_only, "first_try": bad_first_try}),
+    "take_all": Spec("hoster.snapshot.take_all",
+                     {"stype": "hourly", "keep": 3, "only": None, "first_try": None, "slot": None},
+                     {"stype": bad_stype, "keep": bad_required_keep, "only": bad_only, "first_try": bad_first_try,
+                      "slot": bad_slot}),
     "list": Spec("hoster.snapshot.list", {"vm": None}, {"vm": bad_name}),
     "destroy": Spec("hoster.snapshot.destroy", {"snapshot": "pool/vm/vm1@hourly_2024-01-01_00-33-00",
                                                 "first_try": None},
                     {"snapshot": bad_snapshot, "first_try": bad_first_try}),
-    "snapshot_fanout": Spec("hoster.snapshot.fanout", {"stype": "hourly", "keep": 3},
-                            {"stype": bad_stype, "keep": bad_required_keep}),
-    "replicate": Spec("hoster.replication.replicate", {"vm": "vm1", "endpoint": ENDPOINT, "speed_limit": None},
+    "snapshot_fanout": Spec("hoster.snapshot.fanout", {"stype": "hourly", "keep": 3, "slot": None},
+                            {"stype": bad_stype, "keep": bad_required_keep, "slot": bad_slot}),
+    "rollback": Spec("hoster.snapshot.rollback",
+                     {"vm": "vm1", "snapshot": HOURLY[0], "force_stop": False, "force_start": False,
+                      "destroy_base": False, "keep_newer": False, "dry_run": True, "expect_destroyed": None,
+                      "first_try": None},
+                     {"vm": bad_required_name, "snapshot": bad_required_name | hostile.map(lambda h: f"vm1@{h}"),
+                      "force_stop": bad_flag, "force_start": bad_flag, "destroy_base": bad_flag,
+                      "keep_newer": bad_flag, "dry_run": bad_flag, "expect_destroyed": bad_only,
+                      "first_try": bad_first_try}),
+    "replicate": Spec("hoster.replication.replicate",
+                      {"vm": "vm1", "endpoint": ENDPOINT, "speed_limit": None, "diverged": None},
                       {"vm": bad_required_name, "endpoint": bad_required_name | unconfigured,
-                       "speed_limit": bad_speed}),
+                       "speed_limit": bad_speed, "diverged": bad_diverged}),
     "replicate_all": Spec("hoster.replication.replicate_all",
                           {"endpoint": ENDPOINT, "vms": None, "speed_limit": None, "script_name": None},
                           {"endpoint": bad_required_name | unconfigured, "vms": bad_vms, "speed_limit": bad_speed,
@@ -203,9 +218,10 @@ SPECS = {
     # the links of a replicate chain: sent by `replicate`, but any client of the broker can send them too
     "step": Spec("hoster.replication.step",
                  {"prev": None, "dataset": "pool/vm/vm1", "endpoint": ENDPOINT, "speed_limit": None, "chain": "c1",
-                  "report_to": None},
+                  "report_to": None, "diverged": None},
                  {"prev": bad_progress, "dataset": bad_required_name, "endpoint": bad_required_name | unconfigured,
-                  "speed_limit": bad_speed, "chain": bad_token | st.none(), "report_to": bad_token}),
+                  "speed_limit": bad_speed, "chain": bad_token | st.none(), "report_to": bad_token,
+                  "diverged": bad_diverged}),
     "finish": Spec("hoster.replication.finish",
                    {"acc": {"sent": [], "bytes": 0, "seconds": 0.0}, "dataset": "pool/vm/vm1", "endpoint": ENDPOINT,
                     "chain": "c1", "report_to": None},
@@ -216,6 +232,13 @@ SPECS = {
                          {"task_id": "t1", "dataset": "pool/vm/vm1", "endpoint": ENDPOINT},
                          {"task_id": bad_token | st.none(), "dataset": bad_required_name,
                           "endpoint": bad_required_name}),
+    "retry_failed": Spec("hoster.replication.retry_failed", {"endpoint": None, "vm": None},
+                         {"endpoint": bad_name, "vm": bad_name}),
+    "change_parent": Spec("hoster.vm.change_parent", {"vm": "vm1", "start": False, "cireset": False},
+                          {"vm": bad_required_name, "start": bad_flag, "cireset": bad_flag}),
+    "move": Spec("hoster.vm.move", {"vm": "vm1", "to": ENDPOINT, "start": True},
+                 {"vm": bad_required_name, "to": bad_required_name | unconfigured, "start": bad_flag}),
+    "cireset": Spec("hoster.vm.cireset", {"vm": "vm1"}, {"vm": bad_required_name}),
     "replication_fanout": Spec("hoster.replication.fanout",
                                {"endpoint": ENDPOINT, "speed_limit": None, "script_name": None},
                                {"endpoint": bad_required_name, "speed_limit": bad_speed, "script_name": bad_name}),
@@ -243,6 +266,13 @@ def invalid_call(draw: st.DrawFn, spec: Spec) -> tuple[list[Any], dict[str, Any]
         expect = draw(st.from_regex(r"[a-z][a-z_]{0,11}", fullmatch=True).filter(lambda k: k not in spec.valid))
         kwargs[expect] = draw(_json)
     return args, kwargs, expect
+
+
+def test_every_public_task_is_covered_with_all_its_parameters() -> None:
+    """A parameter the specs do not know would take the "extra positional" examples as valid values."""
+    assert {spec.name for spec in SPECS.values()} == set(PUBLIC_REQUESTS)
+    for spec in SPECS.values():
+        assert spec.params == list(PUBLIC_REQUESTS[spec.name].model_fields), spec.name
 
 
 @pytest.mark.parametrize("task", list(SPECS))
