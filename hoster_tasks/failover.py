@@ -60,6 +60,7 @@ def change_parent(ctx: NodeContext, ctl: VmControl, vm: VmInfo, live: Sequence[N
         mountpoint = ops.get_properties(ctx.shell, [vm.dataset], ["mountpoint"], zfs=ctx.zfs)
         hoster_file = set_parent_host(mountpoint.get(vm.dataset, {}).get("mountpoint", "-"), node)
         record_owner(ctx.redis, vm.name, node, vm.parent)
+    publish(ctx.redis, ctx.settings, inventory(ctx.shell, ctx.settings), time.time())  # clients route here now
     reset = ctl.cireset(vm.name) if cireset else None  # Hoster's job: guest settings for the new host
     if start:
         ctl.start(vm.name)
