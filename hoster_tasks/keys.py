@@ -28,8 +28,13 @@ def dataset_lock(node_name: str, dataset: str) -> str:
 
 
 def snapshot_lock(node_name: str, dataset: str) -> str:
-    """Held while snapshots of the dataset are taken, and through a rollback (locks.LockSpec.kind)."""
+    """Held through a rollback (locks.LockSpec.kind "snapshot"): snapshot jobs do not start meanwhile."""
     return f"{PREFIX}:snaplock:{node_name}:{dataset}"
+
+
+def snapshot_takers(node_name: str, dataset: str) -> str:
+    """Sorted set: the snapshot jobs taking a snapshot of the dataset now, scored by lease expiry (locks.py)."""
+    return f"{PREFIX}:snaptakers:{node_name}:{dataset}"
 
 
 def lock_key(kind: str, node_name: str, dataset: str) -> str:

@@ -188,3 +188,44 @@ class DatasetLock:
     ) -> None:
         self.release()
 
+
+
+# -- snapshot takers: shared among themselves, excluded by a rollback ----------------------------------------
+# Snapshot jobs do not exclude each other (each takes its own snapshot), only a rollback (which destroys
+# snapshots): they register in a sorted set scored by lease expiry (Redis' own clock), unless the rollback's
+# exclusive key (the "snapshot" kind of DatasetLock) is held; a rollback holding that key waits until no
+# live taker is left. Both checks run inside Redis, atomically: a taker and a rollback never miss each other.
+_JOIN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+_LIVE = """
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t[1] * 1000 + math.floor(t[2] / 1000))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+def join_takers(client: redis.Redis, node: str, dataset: str, lease: float) -> str | None:
+    """Register a snapshot job on `dataset`; None while a rollback holds it."""
+    member = _nonce()
+    joined = client.eval(_JOIN, 2, keys.snapshot_lock(node, dataset), keys.snapshot_takers(node, dataset),
+                         member, max(int(lease * 1000), 1))
+    return member if joined else None
+
+
+def leave_takers(client: redis.Redis, node: str, dataset: str, member: str) -> None:
+    client.zrem(keys.snapshot_takers(node, dataset), member)
+
+
+def wait_for_takers(client: redis.Redis, node: str, dataset: str, wait: float) -> None:
+    """Under the rollback's exclusive key: wait until no snapshot job is taking a snapshot of `dataset`."""
+    deadline = time.monotonic() + wait
+    while client.eval(_LIVE, 1, keys.snapshot_takers(node, dataset)):
+        if time.monotonic() >= deadline:
+            raise Busy(f"{dataset} on {node}: a snapshot is being taken; retry", [dataset])
+        time.sleep(_POLL_SECONDS)

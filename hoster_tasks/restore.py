@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from hoster_tasks.errors import InvalidName, RollbackRefused
-from hoster_tasks.locks import DatasetLock
+from hoster_tasks.locks import DatasetLock, wait_for_takers
 from hoster_tasks.names import make_snapshot_name
 from hoster_tasks.nodes import VmInfo
 from hoster_tasks.replication.pipeline import Stage, run_pipeline
@@ -71,7 +71,8 @@ def rollback(ctx: NodeContext, ctl: VmControl, vm: VmInfo, short: str, opts: Rol
     """Under the dataset and snapshot locks: check, stop, keep, roll back, start. Returns what was done."""
     with ExitStack() as stack:
         lock = stack.enter_context(ctx.lock(vm.dataset))
-        stack.enter_context(ctx.lock(vm.dataset, kind="snapshot"))
+        stack.enter_context(ctx.lock(vm.dataset, kind="snapshot"))  # no snapshot job starts now
+        wait_for_takers(ctx.redis, ctx.settings.node_name, vm.dataset, ctx.settings.lock_attempt_seconds)
         snaps = ops.list_snapshots(ctx.shell, [vm.dataset], ctx.caps, ctx.zfs)[vm.dataset]
         plan = plan_rollback(snaps, short, replication_bases(ctx, [vm.dataset])[vm.dataset])
         running = ctl.is_running(vm.name)

@@ -18,7 +18,7 @@ import redis
 
 from hoster_tasks import keys
 from hoster_tasks.errors import Busy, DatasetBusy, InvalidName, Permanent, SnapshotExists, SnapshotHeld
-from hoster_tasks.locks import DatasetLock, LockSpec
+from hoster_tasks.locks import DatasetLock, LockSpec, join_takers, leave_takers
 from hoster_tasks.names import make_snapshot_name, validate_snapshot, validate_stype
 from hoster_tasks.policy.retention import check_keep, plan_retention
 from hoster_tasks.settings import Settings
@@ -79,6 +79,25 @@ def _lock_free(
         except Busy:
             continue
     return locks
+
+
+def _join_takers(ctx: NodeContext, stack: ExitStack, datasets: Sequence[str]) -> list[str]:
+    """The datasets no rollback holds, registered as being snapshotted until `stack` closes (locks.py)."""
+    node, lease = ctx.settings.node_name, ctx.settings.lock_lease_seconds
+    deadline = time.monotonic() + ctx.settings.lock_attempt_seconds
+    free: list[str] = []
+    pending = list(datasets)
+    while pending:
+        for ds in list(pending):
+            member = join_takers(ctx.redis, node, ds, lease)
+            if member is not None:
+                stack.callback(leave_takers, ctx.redis, node, ds, member)
+                free.append(ds)
+                pending.remove(ds)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    return free
 
 
 def prune(
@@ -147,8 +166,8 @@ def take(
     validate_stype(stype)
     if keep is not None:
         check_keep(keep)
-    with ExitStack() as stack:  # snapshot locks: only a rollback holds them for long
-        free = _lock_free(ctx, stack, datasets, kind="snapshot", wait=ctx.settings.lock_attempt_seconds)
+    with ExitStack() as stack:  # snapshot jobs exclude only a rollback, never each other
+        free = _join_takers(ctx, stack, datasets)
         taken = _snapshot_now(ctx, sorted(free), stype, now, slot) if free else []
     record_snapshots(ctx, taken, now)
     rolling_back = [ds for ds in datasets if ds not in free]

@@ -75,3 +75,27 @@ def test_the_heartbeat_notices_a_stolen_lock(client: redis.Redis) -> None:
     assert lost and lock.lost.is_set()
     lock.release()
     assert client.get(lock.key) == b"intruder"
+
+
+def test_snapshot_jobs_share_a_dataset_and_only_a_rollback_excludes_them(client: redis.Redis) -> None:
+    from hoster_tasks.locks import join_takers, leave_takers, wait_for_takers
+
+    first, second = join_takers(client, "n1", "pool/vm/a", 5), join_takers(client, "n1", "pool/vm/a", 5)
+    assert first and second  # two snapshot jobs at once: fine
+    rollback = DatasetLock(client, LockSpec("n1", "pool/vm/a", lease=5, wait=0.3, kind="snapshot")).acquire()
+    assert join_takers(client, "n1", "pool/vm/a", 5) is None  # no new one while a rollback holds it
+    with pytest.raises(Busy):  # and the rollback waits for the running ones
+        wait_for_takers(client, "n1", "pool/vm/a", 0.3)
+    leave_takers(client, "n1", "pool/vm/a", first)
+    leave_takers(client, "n1", "pool/vm/a", second)
+    wait_for_takers(client, "n1", "pool/vm/a", 0.3)
+    rollback.release()
+    assert join_takers(client, "n1", "pool/vm/a", 5)
+
+
+def test_a_dead_snapshot_job_does_not_block_a_rollback_past_its_lease(client: redis.Redis) -> None:
+    from hoster_tasks.locks import join_takers, wait_for_takers
+
+    assert join_takers(client, "n1", "pool/vm/b", 0.3)  # its worker dies: it never leaves
+    time.sleep(0.4)
+    wait_for_takers(client, "n1", "pool/vm/b", 0.2)
