@@ -5,10 +5,7 @@ next success, and a forget that removes exactly the node's keys, through its ind
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,17 +30,8 @@ VM1, VM2 = f"{ROOT}/vm1", f"{ROOT}/vm2"
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed (CI=true: failing instead of skipping)")
-        pytest.skip("redis-server is not installed")
-    from harness import RedisServer
-
-    srv = RedisServer(tmp_path / "redis")
-    srv.start()
-    yield srv.url
-    srv.stop()
+def url(private_redis: Any) -> str:
+    return str(private_redis.url)
 
 
 class NoShell:

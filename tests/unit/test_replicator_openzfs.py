@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -778,20 +777,14 @@ def test_a_diverged_target_raises_and_nothing_destructive_runs(world: World) -> 
 
 
 @pytest.fixture
-def real_redis(tmp_path: Path) -> Iterator[Any]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+def real_redis(private_redis: Any) -> Iterator[Any]:
     import redis
-    from harness import RedisServer
 
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    client = redis.Redis.from_url(server.url)
+    client = redis.Redis.from_url(private_redis.url)
     try:
         yield client
     finally:
         client.close()
-        server.stop()
 
 
 def test_replicate_many_end_to_end(world: World, real_redis: Any) -> None:

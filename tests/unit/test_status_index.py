@@ -9,14 +9,11 @@ thousands of unrelated keys (Celery's results share this Redis).
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,17 +37,8 @@ UNRELATED = 5000
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Any]:
-    if shutil.which("redis-server") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed (CI=true: failing instead of skipping)")
-        pytest.skip("redis-server is not installed")
-    from harness import RedisServer
-
-    srv = RedisServer(tmp_path / "redis")
-    srv.start()
-    yield srv
-    srv.stop()
+def server(private_redis: Any) -> Any:
+    return private_redis
 
 
 def settings(url: str) -> Settings:
