@@ -45,8 +45,8 @@ def advance(rep: Replicator, dataset: str, progress: dict[str, Any], max_steps: 
 
 
 def complete(rep: Replicator, dataset: str, source_lock: DatasetLock, after: Sides | None = None) -> dict[str, Any]:
-    """Finish the run (`after`: a listing made after the last transfer; listed here when None) and record
-    its success."""
+    """Finish the run (`after`: a listing made after the last transfer; listed here when None); the caller
+    records its success."""
     after = after if after is not None else rep.list_sides([dataset])
     if not after.source[dataset]:  # a VM with no snapshot yet: nothing to do, not "nothing in common"
         return {"base": None, "pruned_on_target": [], "target_newest_creation": 0,

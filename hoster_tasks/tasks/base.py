@@ -29,7 +29,7 @@ class PublicTask(Task):
     inventory) and the task fails with one `InvalidRequest` naming every bad argument.
 
     A task declares its model in its decorator: `@app.task(name=..., base=..., request_model=TakeRequest)`.
-    Without one (internal chain links not modelled yet) nothing is checked here.
+    Every public task has one (tests/unit/test_requests.py checks it); a task without one is not checked.
     """
 
     abstract = True
