@@ -23,7 +23,7 @@ from hoster_tasks.jobs import Rerun
 from hoster_tasks.locks import DatasetLock
 from hoster_tasks.names import vm_of
 from hoster_tasks.nodes import inventory, live_nodes
-from hoster_tasks.observability.errorfile import JOB_LINE, error_file, error_name, update_errors
+from hoster_tasks.observability.errorfile import JOB_LINE, error_name, update_errors
 from hoster_tasks.observability.sentry import report_context
 from hoster_tasks.policy.planner import Action
 from hoster_tasks.redis_conn import client_from_url
@@ -225,9 +225,8 @@ def replicate_all(
     script_name: str | None = None,
 ) -> dict[str, Any]:
     """Every VM this node owns (copies skipped), one listing per host, full + incremental in one run."""
-    ep = self.settings.endpoint(endpoint)  # an unknown endpoint or bad script name fails before anything runs
+    ep = self.settings.endpoint(endpoint)  # endpoint and script name were checked at the boundary (requests.py)
     name = error_name(ep.name, script_name)
-    error_file(self.settings.error_dir, name)
     try:
         outcome = _replicate_all(self, ep.name, vms, speed_limit, name)
     except HosterTasksError as exc:
