@@ -112,6 +112,11 @@ class PipelinePermanent(PipelineFailed, Permanent):
     pass
 
 
+class TransferStalled(Transient):
+    """No byte moved for the endpoint's `stall_seconds` (a stalled link or receiver, not a slow one): the
+    stages were stopped. Retried; where ZFS can, the retry resumes from the receive's token."""
+
+
 # Order matters: the first pattern that matches names the error.
 _ZFS_PATTERNS: list[tuple[re.Pattern[str], type[ZfsError]]] = [
     (re.compile(r"dataset does not exist|could not find any snapshots|no such pool|does not exist"),

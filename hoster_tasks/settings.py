@@ -34,6 +34,9 @@ class Endpoint(BaseModel, frozen=True):
     root_map: dict[str, str] = Field(default_factory=dict)
     connect_timeout: int = 10
     keepalive_seconds: int = 5  # ssh ServerAliveInterval; 3 missed replies end a stalled transfer
+    # A transfer that moves no byte this long is stopped and retried (resumed from its token where ZFS
+    # can): catches what ssh keepalives cannot, a live connection over which nothing flows.
+    stall_seconds: float = Field(default=300.0, gt=0)
     # Per-type keep counts on the target; empty means "mirror the source's pruning".
     keep: dict[str, int] = Field(default_factory=dict)
     # An encrypted dataset is sent raw (it stays encrypted on the target) or not at all; true allows a

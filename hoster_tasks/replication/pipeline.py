@@ -7,6 +7,8 @@ is checked; the stage that failed first in causal order names the error.
 Stages run in their own sessions (a kill of a stage never reaches the worker) and die with the worker
 thread that started them (parent-death signal, see pdeathsig): no transfer outlives a dead worker. Given a
 `LeaseWatch`, a watchdog process kills them once their locks are gone, even while the worker is frozen.
+Given `stall_seconds`, a transfer whose byte count (pv's) has not grown for that long is stopped and raises
+TransferStalled: a stalled link is retried (and resumed), a slow one is left alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from hoster_tasks.errors import CommandFailed, LockLost, PipelinePermanent, zfs_error
+from hoster_tasks.errors import CommandFailed, LockLost, PipelinePermanent, TransferStalled, zfs_error
 from hoster_tasks.replication.pdeathsig import die_with_parent
 from hoster_tasks.replication.watchdog import LeaseWatch, Watchdog
 
@@ -53,6 +55,24 @@ def pv_argv(speed_limit_mb: float | None, interval: float = 0.5) -> list[str]:
     return argv
 
 
+class StallClock:
+    """When the byte count last grew. Updated from pv's reader thread, read by the waiting one."""
+
+    def __init__(self, limit: float | None, now: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._now = now
+        self.bytes = 0
+        self.last_growth = now()
+
+    def saw(self, n: int) -> None:
+        if n > self.bytes:
+            self.bytes = n
+            self.last_growth = self._now()
+
+    def stalled(self) -> bool:
+        return self.limit is not None and self._now() - self.last_growth > self.limit
+
+
 def _drain(stream: object, sink: list[str]) -> None:
     for raw in iter(stream.readline, b""):  # type: ignore[attr-defined]
         sink.append(raw.decode(errors="replace"))
@@ -75,16 +95,20 @@ def run_pipeline(
     cancel: threading.Event | None = None,
     timeout: float | None = None,
     lease: LeaseWatch | None = None,
+    stall_seconds: float | None = None,
 ) -> PipelineResult:
-    """Run `send | pv | receive`. With `lease`, a watchdog kills the stages once a lock is no longer ours.
+    """Run `send | pv | receive`. With `lease`, a watchdog kills the stages once a lock is no longer ours;
+    with `stall_seconds`, they are killed when no byte has moved for that long.
 
     Start it from a thread that lives until it returns (the stages die when that thread exits, on Linux)."""
     stages = [send, Stage(pv_argv(speed_limit_mb), "local"), receive]
     results = [StageResult(s) for s in stages]
     sent = [0]
+    clock = StallClock(stall_seconds)
 
     def on_bytes(n: int) -> None:
         sent[0] = n
+        clock.saw(n)
         if progress is not None:
             progress(n)
 
@@ -118,7 +142,7 @@ def run_pipeline(
             readers.append(reader)
         if watchdog is not None:
             watchdog.guard([p.pid for p in procs])  # each stage leads its own process group
-        _wait_all(procs, cancel, timeout, started, watchdog)
+        _wait_all(procs, cancel, timeout, started, watchdog, clock)
     finally:
         for proc in procs:
             if _exit_status(proc) is None:
@@ -138,6 +162,11 @@ def run_pipeline(
         raise LockLost("the dataset lock was lost during the transfer: the transfer was stopped")
     if verdict is not None:
         raise verdict
+    if clock.stalled() and any(r.exit_code != 0 for r in results):
+        raise TransferStalled(
+            f"no progress for {stall_seconds:g} s after {sent[0]} bytes: the transfer was stopped "
+            f"[stages: {_summary(results)}]"
+        )
     _raise_for(results)
     return PipelineResult(sent[0], time.monotonic() - started, results)
 
@@ -168,6 +197,7 @@ def _wait_all(
     timeout: float | None,
     t0: float,
     watchdog: Watchdog | None = None,
+    clock: StallClock | None = None,
 ) -> None:
     while True:
         codes = [_exit_status(p) for p in procs]
@@ -178,6 +208,8 @@ def _wait_all(
         if timeout is not None and time.monotonic() - t0 > timeout:
             return
         if watchdog is not None and watchdog.exited():  # it killed the stages, or failed: no transfer unguarded
+            return
+        if clock is not None and clock.stalled():
             return
         # a dead stage means the rest can only fail: stop them instead of waiting on a stalled pipe
         if any(c not in (None, 0) for c in codes):

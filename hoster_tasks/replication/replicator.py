@@ -272,6 +272,7 @@ class Replicator:
                 cancel=self.cancel,
                 # the stages die once the locks are gone, even while this worker is frozen and cannot stop them
                 lease=LeaseWatch.of(self.ctx.settings.redis_url, self.active_locks),
+                stall_seconds=self.endpoint.stall_seconds,
             )
         finally:
             recorded.done()

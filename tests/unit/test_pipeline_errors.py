@@ -208,3 +208,37 @@ def test_each_stage_leads_its_own_process_group(spawned: list[subprocess.Popen[b
     for proc in spawned:
         assert proc.pgid_at_start == proc.pid  # type: ignore[attr-defined]
         assert proc.pgid_at_start != os.getpgrp()  # type: ignore[attr-defined]
+
+
+def test_stall_clock_counts_growth_only() -> None:
+    now = [100.0]
+    clock = pipeline.StallClock(5, now=lambda: now[0])
+    clock.saw(10)
+    now[0] = 104.0
+    clock.saw(10)  # pv repeats the same count while nothing moves
+    assert not clock.stalled()
+    now[0] = 105.5
+    assert clock.stalled()
+    clock.saw(11)
+    assert not clock.stalled()
+    assert not pipeline.StallClock(None, now=lambda: 1e9).stalled()
+
+
+def test_a_stalled_transfer_is_stopped_and_transient(spawned: list[subprocess.Popen[bytes]]) -> None:
+    """100 kB, then the sender hangs with the pipe open (a link over which nothing flows)."""
+    send = ["sh", "-c", "head -c 100000 /dev/zero; exec sleep 60"]
+    started = time.monotonic()
+    with pytest.raises(pipeline.TransferStalled) as info:
+        run_pipeline(Stage(send, "local"), Stage(RECEIVE_OK, "target"), stall_seconds=1.5)
+    assert isinstance(info.value, Transient)
+    assert "no progress for 1.5 s after 100000 bytes" in str(info.value)
+    assert time.monotonic() - started < 20
+    assert not _alive_in_groups({p.pgid_at_start for p in spawned})
+
+
+def test_a_slow_transfer_is_not_a_stalled_one(spawned: list[subprocess.Popen[bytes]]) -> None:
+    """At 0.4 MB/s, 1 MB takes longer than the stall limit, but bytes keep moving: it completes."""
+    result = run_pipeline(Stage(SEND_1MB, "local"), Stage(RECEIVE_OK, "target"), speed_limit_mb=0.4,
+                          stall_seconds=1.5)
+    assert result.bytes == 1_000_000
+    assert result.seconds > 1.5
