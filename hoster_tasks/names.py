@@ -75,6 +75,18 @@ def validate_snapshot(full: str) -> tuple[str, str]:
     return dataset, short
 
 
+def validate_bookmark(full: str) -> tuple[str, str]:
+    """'pool/ds#mark' -> ('pool/ds', 'mark')."""
+    if not isinstance(full, str) or full.count("#") != 1 or "@" in full:
+        raise InvalidName(f"invalid bookmark {full!r}: expected dataset#name")
+    dataset, short = full.split("#")
+    validate_dataset(dataset)
+    validate_snapshot_name(short)
+    if len(full) > MAX_NAME:
+        raise InvalidName(f"invalid bookmark {full[:40]!r}...: longer than {MAX_NAME} characters")
+    return dataset, short
+
+
 def validate_node_name(name: str) -> str:
     if not isinstance(name, str) or not _NODE.fullmatch(name):
         raise InvalidName(f"invalid node name {name!r}: use A-Z a-z 0-9 _ . - (max 63)")

@@ -1,7 +1,9 @@
 """Replication planning: a pure function of the two snapshot lists (names, GUIDs, creation order).
 
 Snapshots are matched by GUID, never by name alone, and ordered by createtxg. A target whose history does
-not continue the source's is `DIVERGED`: refused and reported, never rolled back or destroyed.
+not continue the source's is `DIVERGED`: refused and reported, never rolled back or destroyed. Where the
+source lost every snapshot the target has but keeps a bookmark of one (OpenZFS), the bookmark is the base:
+incremental instead of refused or sent again in full.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ class Plan:
         return self.steps[-1].snapshot if self.steps else self.common
 
 
-def plan_replication(source: Sequence[Snapshot], target: Sequence[Snapshot] | None) -> Plan:
-    """`target` is None when the target dataset does not exist."""
+def plan_replication(
+    source: Sequence[Snapshot], target: Sequence[Snapshot] | None, bookmarks: Sequence[Snapshot] = ()
+) -> Plan:
+    """`target` is None when the target dataset does not exist; `bookmarks`: the source's, a last resort."""
     src = sorted(source, key=lambda s: s.createtxg)
     if not src:
         return Plan(Action.NOTHING, reason="the source has no snapshots yet")
@@ -63,6 +67,9 @@ def plan_replication(source: Sequence[Snapshot], target: Sequence[Snapshot] | No
     target_by_guid = {s.guid: s for s in tgt}
     common = next((s for s in reversed(src) if s.guid in target_by_guid), None)
     if common is None:
+        mark = next((b for b in sorted(bookmarks, key=lambda b: -b.createtxg) if b.guid in target_by_guid), None)
+        if mark is not None:
+            return _from_bookmark(src, tgt, mark, target_by_guid[mark.guid].createtxg)
         return Plan(
             Action.DIVERGED,
             reason=f"no snapshot in common (target has {len(tgt)}, e.g. {tgt[-1].name}): refusing to overwrite",
@@ -85,6 +92,23 @@ def plan_replication(source: Sequence[Snapshot], target: Sequence[Snapshot] | No
         common=common,
         reason=f"incremental {common.name} -> {newest.name}",
     )
+
+
+def _from_bookmark(src: list[Snapshot], tgt: list[Snapshot], mark: Snapshot, mark_txg_on_target: int) -> Plan:
+    """`-i ds#mark` to the first snapshot after it, then `-I` to the newest (a bookmark takes only `-i`)."""
+    source_guids = {s.guid for s in src} | {mark.guid}
+    foreign = [s.name for s in tgt if s.createtxg > mark_txg_on_target and s.guid not in source_guids]
+    if foreign:
+        return Plan(Action.DIVERGED, reason=f"target has snapshots newer than the bookmarked {mark.name} that the "
+                    "source never had: " + ", ".join(foreign))
+    newer = [s for s in src if s.createtxg > mark.createtxg]
+    if not newer:
+        return Plan(Action.NOTHING, reason=f"in sync at the bookmark {mark.full}: no newer snapshot to send")
+    steps = [Step(StepKind.INCREMENTAL, newer[0], base=mark)]
+    if len(newer) > 1:
+        steps.append(Step(StepKind.INCREMENTAL, newer[-1], base=newer[0]))
+    return Plan(Action.INCREMENTAL, tuple(steps),
+                reason=f"incremental from the bookmark {mark.full} (its snapshot is gone) -> {newer[-1].name}")
 
 
 def target_prune(source: Sequence[Snapshot], target: Sequence[Snapshot], base_guid: int) -> list[Snapshot]:

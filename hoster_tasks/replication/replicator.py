@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -39,7 +39,7 @@ from hoster_tasks.settings import Endpoint
 from hoster_tasks.snapshots import NodeContext
 from hoster_tasks.zfs import commands as cmd
 from hoster_tasks.zfs import ops
-from hoster_tasks.zfs.parse import Snapshot, parse_get, parse_send_size, snapshots_from_get
+from hoster_tasks.zfs.parse import Snapshot, bookmarks_from_get, parse_get, parse_send_size, snapshots_from_get
 from hoster_tasks.zfs.probe import Capabilities, probe
 from hoster_tasks.zfs.shell import Shell, shell_for
 
@@ -55,6 +55,7 @@ class Sides:
     source_props: dict[str, dict[str, str]]
     target: dict[str, list[Snapshot] | None]  # None: the target dataset does not exist
     target_props: dict[str, dict[str, str]]
+    bookmarks: dict[str, list[Snapshot]] = field(default_factory=dict)  # the source's (OpenZFS)
 
 
 class Replicator:
@@ -131,8 +132,9 @@ class Replicator:
         tgt_raw, missing = self._list_target(targets)
         found = snapshots_from_get(tgt_raw)
         target = {t: (None if t in missing else found.get(t, [])) for t in targets}
+        marks = bookmarks_from_get(raw) if self.ctx.caps.bookmarks else {}
         return Sides(source, {ds: raw.get(ds, {}) for ds in datasets}, target,
-                     {t: tgt_raw.get(t, {}) for t in targets})
+                     {t: tgt_raw.get(t, {}) for t in targets}, {ds: marks.get(ds, []) for ds in datasets})
 
     def _list_target(self, targets: Sequence[str]) -> tuple[dict[str, dict[str, str]], set[str]]:
         props = ops.snapshot_props(self.target_caps) + (ops.PARENT_PROPERTY,)
@@ -163,7 +165,7 @@ class Replicator:
     def plan(self, dataset: str, sides: Sides) -> Plan:
         self.check_owner(dataset, sides)
         target = self.endpoint.target_dataset(dataset)
-        plan = plan_replication(sides.source[dataset], sides.target[target])
+        plan = plan_replication(sides.source[dataset], sides.target[target], sides.bookmarks.get(dataset, ()))
         if plan.action is Action.DIVERGED:
             keep = "--keep-diverged (keep the copy as a renamed dataset, then send in full)"
             choices = (f" To go on: --discard-diverged (roll the copy back to {plan.common.name}, destroying what "
@@ -341,10 +343,30 @@ class Replicator:
             ops.set_property(self.ctx.shell, dataset, prop, str(base.guid), self.ctx.zfs)
         if moved or self.base_unheld(dataset, sides):
             released = self._move_holds(dataset, base, old_guid, sides)
+        if moved:
+            self._bookmark_base(dataset, base, sides)
         marked = self._mark_copy(target, sides)
         src_props = {**sides.source_props, dataset: {**sides.source_props.get(dataset, {}), prop: str(base.guid)}}
         tgt_props = {**sides.target_props, target: {**sides.target_props.get(target, {}), **marked}}
         return _without_holds(replace(sides, source_props=src_props, target_props=tgt_props), target, released)
+
+    def _bookmark_base(self, dataset: str, base: Snapshot, sides: Sides) -> None:
+        """Bookmark the new base (OpenZFS), then drop this target's older bookmarks: if the base snapshot is
+        destroyed by hand, the next run still goes incremental from its bookmark (planner). One per target."""
+        if not self.ctx.caps.bookmarks:
+            return
+        prefix = ops.bookmark_prefix(self.endpoint.name)
+        ours = [b for b in sides.bookmarks.get(dataset, []) if b.name.startswith(prefix)]
+        if not any(b.guid == base.guid for b in ours):
+            mark = f"{dataset}#{ops.bookmark_name(self.endpoint.name, base.name)}"
+            try:
+                self.ctx.shell.run(cmd.bookmark(base.full, mark, self.ctx.zfs))
+            except SnapshotExists:
+                pass  # a retry of this step made it already
+        for old in ours:
+            if old.guid != base.guid:
+                self.guard()
+                self.ctx.shell.run(cmd.destroy_bookmark(old.full, self.ctx.zfs), check=False)
 
     def _mark_copy(self, target: str, sides: Sides) -> dict[str, str]:
         """First run: mark the copy as a backup of this node, and read-only (see commands.set_readonly)."""
@@ -399,10 +421,11 @@ class Replicator:
                 pass  # already held by us: holds are idempotent here
         if not old_guid.isdigit() or int(old_guid) == base.guid:
             return set()
-        old = next((s for s in sides.source[dataset] if s.guid == int(old_guid)), None)
-        if old is not None:
-            for shell, full in ((self.ctx.shell, old.full), (self.target_shell, f"{target}@{old.name}")):
-                shell.run(cmd.release(self.tag, full, self.ctx.zfs), check=False)
+        # by each side's own listing: the old base may be gone from the source (a bookmark run)
+        for shell, snaps in ((self.ctx.shell, sides.source[dataset]), (self.target_shell, sides.target.get(target))):
+            old = next((s for s in snaps or [] if s.guid == int(old_guid)), None)
+            if old is not None:
+                shell.run(cmd.release(self.tag, old.full, self.ctx.zfs), check=False)
         return {int(old_guid)}
 
     def _prune_target(self, dataset: str, base: Snapshot, after: Sides) -> list[str]:

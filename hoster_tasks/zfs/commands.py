@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from hoster_tasks.names import validate_dataset, validate_snapshot, validate_snapshot_name
+from hoster_tasks.names import validate_bookmark, validate_dataset, validate_snapshot, validate_snapshot_name
 
 ZFS = "zfs"
 # Stay far below ARG_MAX (FreeBSD 256 KiB, Linux 2 MiB) so one snapshot call never fails for length.
@@ -96,7 +96,8 @@ def list_children(roots: Iterable[str], zfs: str = ZFS) -> list[str]:
 
 
 def send(snapshot_full: str, base: str | None = None, opts: SendOptions = SendOptions(), zfs: str = ZFS) -> list[str]:
-    """Full send of `snapshot_full`, or `-I base` (every intermediate snapshot) when a base is given."""
+    """Full send of `snapshot_full`, or `-I base` (every intermediate snapshot) when a base is given; from a
+    bookmark (`ds#mark`) `-i` (ZFS takes a bookmark only there: the intermediates need a second step)."""
     argv = [zfs, "send"]
     if opts.dry_run:
         argv.append("-nP")
@@ -108,11 +109,23 @@ def send(snapshot_full: str, base: str | None = None, opts: SendOptions = SendOp
         argv.append("-w")
     ds, _ = validate_snapshot(snapshot_full)
     if base is not None:
-        base_ds, _ = validate_snapshot(base)
+        base_ds, _ = validate_bookmark(base) if "#" in base else validate_snapshot(base)
         if base_ds != ds:
             raise ValueError(f"incremental base {base} is not a snapshot of {ds}")
-        argv += ["-I", base]
+        argv += ["-i" if "#" in base else "-I", base]
     return [*argv, snapshot_full]
+
+
+def bookmark(snapshot_full: str, bookmark_full: str, zfs: str = ZFS) -> list[str]:
+    """`zfs bookmark ds@snap ds#mark` (OpenZFS): a base to send from after the snapshot is gone."""
+    validate_snapshot(snapshot_full)
+    validate_bookmark(bookmark_full)
+    return [zfs, "bookmark", snapshot_full, bookmark_full]
+
+
+def destroy_bookmark(bookmark_full: str, zfs: str = ZFS) -> list[str]:
+    validate_bookmark(bookmark_full)
+    return [zfs, "destroy", bookmark_full]
 
 
 def receive(target: str, resumable: bool = False, zfs: str = ZFS) -> list[str]:

@@ -19,6 +19,18 @@ HOLD_TAG_PREFIX = "hoster-tasks."  # + target name
 SENDING_PROPERTY_PREFIX = "hoster-tasks:sending."
 
 
+# + target name + ":" + snapshot name: the bookmark of the base (node names have no ':', so it parses back)
+BOOKMARK_PREFIX = "hoster-tasks:"
+
+
+def bookmark_prefix(target: str) -> str:
+    return f"{BOOKMARK_PREFIX}{target}:"
+
+
+def bookmark_name(target: str, snapshot_name: str) -> str:
+    return bookmark_prefix(target) + snapshot_name
+
+
 def base_property(target: str) -> str:
     return BASE_PROPERTY_PREFIX + target
 

@@ -17,10 +17,11 @@ class Snapshot:
     referenced: int = 0
     userrefs: int = 0
     clones: str = ""
+    bookmark: bool = False  # a bookmark (ds#name): an incremental source only, holds no data
 
     @property
     def full(self) -> str:
-        return f"{self.dataset}@{self.name}"
+        return f"{self.dataset}{'#' if self.bookmark else '@'}{self.name}"
 
     @property
     def protected(self) -> bool:
@@ -49,13 +50,14 @@ def _int(value: str | None) -> int:
     return int(value)
 
 
-def snapshots_from_get(props: dict[str, dict[str, str]]) -> dict[str, list[Snapshot]]:
-    """Group snapshots by dataset, oldest first (by createtxg: names and clocks can lie)."""
+def snapshots_from_get(props: dict[str, dict[str, str]], sep: str = "@") -> dict[str, list[Snapshot]]:
+    """Group snapshots (bookmarks with sep="#") by dataset, oldest first (by createtxg: names and clocks
+    can lie)."""
     by_ds: dict[str, list[Snapshot]] = defaultdict(list)
     for full, p in props.items():
-        if "@" not in full:
+        if sep not in full:
             continue
-        ds, name = full.split("@", 1)
+        ds, name = full.split(sep, 1)
         by_ds[ds].append(
             Snapshot(
                 dataset=ds,
@@ -67,13 +69,19 @@ def snapshots_from_get(props: dict[str, dict[str, str]]) -> dict[str, list[Snaps
                 referenced=_int(p.get("referenced")),
                 userrefs=_int(p.get("userrefs")),
                 clones="" if p.get("clones") in (None, "-") else p.get("clones", ""),
+                bookmark=sep == "#",
             )
         )
     return {ds: sorted(snaps, key=lambda s: s.createtxg) for ds, snaps in by_ds.items()}
 
 
+def bookmarks_from_get(props: dict[str, dict[str, str]]) -> dict[str, list[Snapshot]]:
+    """The bookmarks (`ds#name`) a recursive `zfs get` lists beside the snapshots on OpenZFS."""
+    return snapshots_from_get(props, sep="#")
+
+
 def datasets_from_get(props: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
-    return {name: p for name, p in props.items() if "@" not in name}
+    return {name: p for name, p in props.items() if "@" not in name and "#" not in name}
 
 
 def parse_names(text: str) -> list[str]:

@@ -394,3 +394,22 @@ def test_ssh_argv_host_after_double_dash_even_if_option_like() -> None:
     argv = ssh_argv(ep, ["true"])
     assert argv[-3:] == ["--", "-oProxyCommand=touch /tmp/x", "true"]
     assert argv.index("-oProxyCommand=touch /tmp/x") > argv.index("--")
+
+
+def test_send_from_a_bookmark_is_dash_i() -> None:
+    assert cmd.send("p/vm/a@s2", "p/vm/a#m1") == ["zfs", "send", "-i", "p/vm/a#m1", "p/vm/a@s2"]
+    assert cmd.send("p/vm/a@s2", "p/vm/a#m1", cmd.SendOptions(raw=True)) == [
+        "zfs", "send", "-w", "-i", "p/vm/a#m1", "p/vm/a@s2"]
+    with pytest.raises(ValueError):
+        cmd.send("p/vm/a@s2", "p/vm/b#m1")
+    with pytest.raises(InvalidName):
+        cmd.send("p/vm/a@s2", "p/vm/a#m1#m2")
+
+
+def test_bookmark_argv() -> None:
+    assert cmd.bookmark("p/vm/a@s1", "p/vm/a#hoster-tasks:dst:s1") == [
+        "zfs", "bookmark", "p/vm/a@s1", "p/vm/a#hoster-tasks:dst:s1"]
+    assert cmd.destroy_bookmark("p/vm/a#m") == ["zfs", "destroy", "p/vm/a#m"]
+    for bad in ("p/vm/a@m", "p/vm/a", "p/vm/a#-m", "p/vm/a#m;rm -rf /"):
+        with pytest.raises(InvalidName):
+            cmd.destroy_bookmark(bad)

@@ -6,6 +6,7 @@ import pytest
 
 from hoster_tasks.zfs.parse import (
     Snapshot,
+    bookmarks_from_get,
     datasets_from_get,
     parse_get,
     parse_names,
@@ -150,3 +151,15 @@ def test_parse_send_size(text: str, size: int) -> None:
 )
 def test_parse_send_size_absent(text: str) -> None:
     assert parse_send_size(text) is None
+
+
+def test_bookmarks_are_listed_apart_from_snapshots() -> None:
+    props = parse_get(
+        "p/a\tguid\t1\n"
+        "p/a@s1\tguid\t11\np/a@s1\tcreatetxg\t5\n"
+        "p/a#m1\tguid\t11\np/a#m1\tcreatetxg\t5\np/a#m1\tused\t-\n"
+    )
+    assert [s.full for s in snapshots_from_get(props)["p/a"]] == ["p/a@s1"]
+    (mark,) = bookmarks_from_get(props)["p/a"]
+    assert (mark.full, mark.guid, mark.createtxg, mark.bookmark) == ("p/a#m1", 11, 5, True)
+    assert list(datasets_from_get(props)) == ["p/a"]

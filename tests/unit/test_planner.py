@@ -204,3 +204,51 @@ def test_prune_nothing_when_in_sync() -> None:
     source = [s(H1, 1, 10), s(H2, 2, 20)]
     target = [t(H1, 1, 5), t(H2, 2, 6)]
     assert target_prune(source, target, base_guid=2) == []
+
+
+# -- bookmarks as the last resort base ------------------------------------------------------------------
+
+
+def b(name: str, guid: int, txg: int) -> Snapshot:
+    return Snapshot(SRC, name, guid, txg, bookmark=True)
+
+
+def test_a_bookmark_of_the_lost_common_snapshot_is_the_base() -> None:
+    """H1 was destroyed on the source by hand; its bookmark remains: -i #H1 @H2, then -I @H2 @H4."""
+    src = [s(H2, 2, 20), s(H3, 3, 30), s(H4, 4, 40)]
+    tgt = [t(H1, 1, 5)]
+    plan = plan_replication(src, tgt, bookmarks=[b("mark-old", 9, 1), b(f"x.{H1}", 1, 10)])
+    assert plan.action == Action.INCREMENTAL
+    assert [(st.kind, st.base.full if st.base else None, st.snapshot.name) for st in plan.steps] == [
+        (StepKind.INCREMENTAL, f"{SRC}#x.{H1}", H2),
+        (StepKind.INCREMENTAL, f"{SRC}@{H2}", H4),
+    ]
+    assert "bookmark" in plan.reason
+
+
+def test_one_snapshot_after_the_bookmark_is_one_step() -> None:
+    plan = plan_replication([s(H2, 2, 20)], [t(H1, 1, 5)], bookmarks=[b(H1, 1, 10)])
+    assert [(st.base.full if st.base else None, st.snapshot.name) for st in plan.steps] == [(f"{SRC}#{H1}", H2)]
+
+
+def test_a_common_snapshot_wins_over_a_bookmark() -> None:
+    src = [s(H1, 1, 10), s(H2, 2, 20)]
+    plan = plan_replication(src, [t(H1, 1, 5)], bookmarks=[b(H1, 1, 10)])
+    assert plan.steps == (Step(StepKind.INCREMENTAL, src[1], base=src[0]),)
+
+
+def test_a_bookmark_does_not_excuse_a_diverged_target() -> None:
+    """The target went on past the bookmarked snapshot with a snapshot the source never had."""
+    plan = plan_replication([s(H3, 3, 30)], [t(H1, 1, 5), t(H2, 22, 6)], bookmarks=[b(H1, 1, 10)])
+    assert plan.action == Action.DIVERGED
+    assert H2 in plan.reason
+
+
+def test_no_matching_bookmark_is_still_diverged() -> None:
+    plan = plan_replication([s(H3, 3, 30)], [t(H1, 1, 5)], bookmarks=[b(H2, 2, 20)])
+    assert plan.action == Action.DIVERGED
+
+
+def test_nothing_newer_than_the_bookmark_is_nothing() -> None:
+    plan = plan_replication([], [t(H1, 1, 5)], bookmarks=[b(H1, 1, 10)])
+    assert plan.action == Action.NOTHING

@@ -96,6 +96,7 @@ class DatasetRow:
     referenced: int = 5_368_709_120
     props: dict[str, str] = field(default_factory=dict)  # encryption, user properties, receive_resume_token
     snaps: list[SnapRow] = field(default_factory=list)
+    bookmarks: list[SnapRow] = field(default_factory=list)  # a recursive `zfs get` lists them too
 
 
 class ZfsModel:
@@ -145,6 +146,7 @@ class ZfsModel:
             objects: list[tuple[str, SnapRow | None]] = [(name, None)]
             if "-r" in flags:
                 objects += [(f"{name}@{s.name}", s) for s in sorted(ds.snaps, key=lambda s: s.createtxg)]
+                objects += [(f"{name}#{b.name}", b) for b in ds.bookmarks]
             for full, snap in objects:
                 out += [f"{full}\t{prop}\t{self._value(ds, snap, prop)}" for prop in props]
         return (1 if err else 0), "".join(line + "\n" for line in out), "".join(line + "\n" for line in err)
@@ -206,7 +208,7 @@ def zfs_host(host: str, log: list[tuple[str, list[str]]], model: ZfsModel, usage
     shell = ScriptedShell(host, log, endpoint)
     shell.exact[("zfs",)] = (2, "", usage)  # `zfs` alone: usage on stderr, exit 2
     shell.prefix[("zfs", "get")] = model.get
-    for verb in ("set", "hold", "release", "destroy"):
+    for verb in ("set", "hold", "release", "destroy", "bookmark"):
         shell.prefix[("zfs", verb)] = OK
     shell.prefix[("ps",)] = OK  # the receive-in-progress check: none running
     return shell
@@ -242,7 +244,8 @@ class CapturedPipeline:
 
     def __call__(self, send: Stage, receive: Stage, speed_limit_mb: float | None = None,
                  progress: Callable[[int], None] | None = None, cancel: Any = None,
-                 timeout: float | None = None, lease: Any = None) -> PipelineResult:
+                 timeout: float | None = None, lease: Any = None,
+                 stall_seconds: float | None = None) -> PipelineResult:
         t = Transfer(send.argv, receive.argv, send.host, receive.host, speed_limit_mb)
         self.transfers.append(t)
         self.log.append(("pipeline", [*send.argv, "|", *receive.argv]))
@@ -663,6 +666,7 @@ def test_finish_moves_base_and_holds_and_prunes_what_target_prune_chose(world: W
         ["zfs", "set", f"hoster-tasks:base.backup1={h3}", VM1],
         ["zfs", "hold", "hoster-tasks.backup1", f"{VM1}@{H3}"],
         ["zfs", "release", "hoster-tasks.backup1", f"{VM1}@{H1}"],
+        ["zfs", "bookmark", f"{VM1}@{H3}", f"{VM1}#hoster-tasks:backup1:{H3}"],
     ]
     chosen = target_prune(after.source[VM1], after.target[T_VM1] or [], h3)
     assert [s.full for s in chosen] == [f"{T_VM1}@{old.name}"]
@@ -690,6 +694,7 @@ def test_finish_marks_a_new_copy_with_its_parent_and_read_only(world: World) -> 
     assert world.src.calls == [
         ["zfs", "set", f"hoster-tasks:base.backup1={h3}", VM3],
         ["zfs", "hold", "hoster-tasks.backup1", f"{VM3}@{H3}"],
+        ["zfs", "bookmark", f"{VM3}@{H3}", f"{VM3}#hoster-tasks:backup1:{H3}"],
     ]  # no old base: nothing to release
     assert world.tgt.calls == [
         ["zfs", "hold", "hoster-tasks.backup1", f"{T_VM3}@{H3}"],
@@ -906,3 +911,55 @@ def test_an_aborted_partial_full_receive_is_replaced_by_a_full_send(world: World
     assert ["zfs", "receive", "-A", T_VM3] in world.tgt.calls
     assert sides.target[T_VM3] is None
     assert plan.action is Action.FULL
+
+
+# -- bookmarks: the base is bookmarked; a lost base snapshot is replaced by its bookmark ----------------------------
+
+
+def test_a_moved_base_replaces_this_targets_bookmark_only(world: World) -> None:
+    """The new base is bookmarked before the old base's bookmark goes; another target's bookmark stays."""
+    h1 = world.src_model.snap(VM1, H1)
+    row = world.src_model.datasets[VM1]
+    row.bookmarks = [SnapRow(f"hoster-tasks:backup1:{H1}", h1.guid, h1.createtxg, h1.creation),
+                     SnapRow(f"hoster-tasks:backup2:{H1}", h1.guid, h1.createtxg, h1.creation),
+                     SnapRow("users-own", h1.guid, h1.createtxg, h1.creation)]
+    rep = world.replicator()
+    rep.list_sides([VM1])
+    received(world, T_VM1, VM1, [H2, H3])
+    after = rep.list_sides([VM1])
+    assert [b.full for b in after.bookmarks[VM1]] == [f"{VM1}#{b.name}" for b in row.bookmarks]
+    world.reset()
+
+    rep.finish(VM1, after)
+
+    marks = [c for c in world.src.calls if c[1] == "bookmark" or c[1] == "destroy"]
+    assert marks == [
+        ["zfs", "bookmark", f"{VM1}@{H3}", f"{VM1}#hoster-tasks:backup1:{H3}"],
+        ["zfs", "destroy", f"{VM1}#hoster-tasks:backup1:{H1}"],
+    ]
+
+
+def test_a_base_destroyed_on_the_source_is_replaced_by_its_bookmark(world: World) -> None:
+    """web's base H1 was destroyed by hand; its bookmark is left: -i #H1 @H2, then -I @H2 @H3."""
+    web = world.src_model.datasets[WEB]
+    h1 = web.snaps.pop(0)
+    web.bookmarks = [SnapRow(f"hoster-tasks:backup1:{H1}", h1.guid, h1.createtxg, h1.creation)]
+    world.pipeline.on_success = apply_stream(world)
+    world.src.prefix[("zfs", "send", "-nP")] = (0, "size\t4096\n", "")
+    rep = world.replicator()
+    sides = rep.list_sides([WEB])
+    plan = rep.plan(WEB, sides)
+    assert [st.base.full if st.base else None for st in plan.steps] == [
+        f"{WEB}#hoster-tasks:backup1:{H1}", f"{WEB}@{H2}"]
+    for step in plan.steps:
+        rep.send_step(WEB, step, sides)
+    assert [t.send for t in world.pipeline.transfers] == [
+        ["zfs", "send", "-i", f"{WEB}#hoster-tasks:backup1:{H1}", f"{WEB}@{H2}"],
+        ["zfs", "send", "-I", f"{WEB}@{H2}", f"{WEB}@{H3}"],
+    ]
+    after = rep.list_sides([WEB])
+    world.reset()
+    rep.finish(WEB, after)
+    # the old base is gone from the source: its hold is released on the target, by the target's name
+    assert ["zfs", "release", "hoster-tasks.backup1", f"{T_WEB}@{H1}"] in world.tgt.calls
+    assert not [c for c in world.src.calls if c[1] == "release"]
