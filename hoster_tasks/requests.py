@@ -372,6 +372,7 @@ class LinkProgress(BaseModel):
     action: Literal["nothing", "full", "incremental"] = "nothing"
     sent: Annotated[list[ShortSnapshot], Field(max_length=MAX_ITEMS)] = []
     bytes: Count = 0
+    resumed: Count = 0  # of `bytes`: what finished an interrupted receive (send -t)
     seconds: Seconds = 0.0
     complete: bool = False
     speed_limit: SpeedLimit | None = None

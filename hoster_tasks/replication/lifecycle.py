@@ -30,6 +30,8 @@ def advance(rep: Replicator, dataset: str, progress: dict[str, Any], max_steps: 
     as they are after the last step."""
     sides, plan, resumed = rep.prepare(dataset)
     progress["bytes"] += resumed
+    if resumed:  # an interrupted receive finished from its token (send -t): only the rest was sent
+        progress["resumed"] = progress.get("resumed", 0) + resumed
     steps = plan.steps if max_steps is None else plan.steps[:max_steps]
     if steps and progress["action"] == "nothing":
         progress["action"] = plan.action.value
