@@ -16,7 +16,7 @@ from pathlib import Path
 from celery.result import AsyncResult
 from harness import zfs as hz
 from harness.proc import wait_until
-from scenario import VMS_ROOT, guids, two_nodes
+from scenario import VMS_ROOT, guids, make_vms, node_env, two_nodes
 
 from hoster_tasks import keys
 
@@ -167,4 +167,31 @@ def test_a_receive_in_progress_on_the_target_is_busy_not_diverged(
     result = AsyncResult(task_id, app=app).get(timeout=120)
     assert result["action"] == "full"
     assert guids(copy) == guids(vm)
+    assert _alarms(worker) == {}
+
+
+def test_a_stalled_link_is_stopped_by_the_stall_watchdog_and_retried(
+    node_factory, pool_factory, worker_factory, cli, app
+):
+    """The transfer's ssh is frozen (SIGSTOP): the connection stays up, nothing flows, and the lock is
+    renewed all along, so only the stall watchdog can notice. It stops the stages after stall_seconds; the
+    step is retried and the data arrives (zfs-fuse has no resume token: the retry sends it again)."""
+    src, dst = node_factory("src"), node_factory("dst")
+    psrc, pdst = pool_factory(), pool_factory()
+    pdst.create_dataset(VMS_ROOT)
+    (vm,) = make_vms(psrc, "vm1")
+    copy = pdst.ds(f"{VMS_ROOT}/vm1")
+    target = dst.endpoint(root_map={psrc.ds(VMS_ROOT): pdst.ds(VMS_ROOT)}, connect_timeout=3, stall_seconds=3)
+    worker = worker_factory(src, node_env(psrc, HOSTER_TARGETS=[target], HOSTER_RETRY_MAX=8,
+                                          HOSTER_RETRY_BACKOFF_MAX_SECONDS=2))
+    transfer = _start_transfer(cli, vm, copy, dst.name, mib=4, speed="1")
+    ssh = [p for p in _procs() if p.pid in transfer and p.argv[0] == "ssh"]
+    assert len(ssh) == 1
+    os.kill(ssh[0].pid, signal.SIGSTOP)
+
+    wait_until(lambda: not _running(transfer), 30, "the stalled transfer to be stopped",
+               on_timeout=lambda: f"still running: {[p for p in _procs() if p.pid in transfer]}")
+    wait_until(lambda: guids(copy) == guids(vm) if hz.exists(copy) else False, 90, "the retry to land the copy")
+    log = worker.log_path.read_text()
+    assert "TransferStalled" in log and "no progress for 3 s" in log
     assert _alarms(worker) == {}
