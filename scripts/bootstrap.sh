@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(zfs-fuse redis-server redis-sentinel openssh-server pv mbuffer sanoid chromium iproute2 procps psmisc prometheus)
+packages=(zfs-fuse redis-server redis-sentinel openssh-server pv mbuffer sanoid chromium iproute2 procps psmisc prometheus
+  # the OpenZFS 2.3 guest of tests/openzfs: built by scripts/openzfs-guest.sh, booted under QEMU (TCG)
+  qemu-system-x86 qemu-utils debootstrap e2fsprogs util-linux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,3 +29,7 @@ if ((${#missing[@]})); then
 fi
 
 python3 -m pip install -q -e '.[dev]' </dev/null
+
+# The OpenZFS 2.3 guest image of tests/openzfs (built once, about 7 minutes; cached by its recipe under
+# /var/cache/hoster-tasks). A failed build fails bootstrap: the script prints its cause.
+bash scripts/openzfs-guest.sh build </dev/null
