@@ -138,7 +138,7 @@ class Guest:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 300) -> Guest:
+    def start(self, timeout: float = 480) -> Guest:
         if self.running:
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
