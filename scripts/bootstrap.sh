@@ -31,5 +31,8 @@ fi
 python3 -m pip install -q -e '.[dev]' </dev/null
 
 # The OpenZFS 2.3 guest image of tests/openzfs (built once, about 7 minutes; cached by its recipe under
-# /var/cache/hoster-tasks). A failed build fails bootstrap: the script prints its cause.
-bash scripts/openzfs-guest.sh build </dev/null
+# /var/cache/hoster-tasks): only for the tests (`make test` passes --with-openzfs-guest), not for the demo.
+# A failed build fails bootstrap: the script prints its cause.
+if [[ ${1:-} == --with-openzfs-guest ]]; then
+  bash scripts/openzfs-guest.sh build </dev/null
+fi

@@ -56,21 +56,28 @@ def pv_argv(speed_limit_mb: float | None, interval: float = 0.5) -> list[str]:
 
 
 class StallClock:
-    """When the byte count last grew. Updated from pv's reader thread, read by the waiting one."""
+    """When the byte count last grew. Updated from pv's reader thread, read by the waiting one. Once every
+    byte has passed pv, the wait for the receive to commit is no stall: `done()` stops the clock."""
 
     def __init__(self, limit: float | None, now: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self._now = now
         self.bytes = 0
         self.last_growth = now()
+        self.fired = False  # it stopped the transfer
 
     def saw(self, n: int) -> None:
         if n > self.bytes:
             self.bytes = n
             self.last_growth = self._now()
 
+    def done(self) -> None:
+        self.limit = None
+
     def stalled(self) -> bool:
-        return self.limit is not None and self._now() - self.last_growth > self.limit
+        if self.limit is not None and self._now() - self.last_growth > self.limit:
+            self.fired = True
+        return self.fired
 
 
 def _drain(stream: object, sink: list[str]) -> None:
@@ -162,7 +169,7 @@ def run_pipeline(
         raise LockLost("the dataset lock was lost during the transfer: the transfer was stopped")
     if verdict is not None:
         raise verdict
-    if clock.stalled() and any(r.exit_code != 0 for r in results):
+    if clock.fired and any(r.exit_code != 0 for r in results):
         raise TransferStalled(
             f"no progress for {stall_seconds:g} s after {sent[0]} bytes: the transfer was stopped "
             f"[stages: {_summary(results)}]"
@@ -209,8 +216,11 @@ def _wait_all(
             return
         if watchdog is not None and watchdog.exited():  # it killed the stages, or failed: no transfer unguarded
             return
-        if clock is not None and clock.stalled():
-            return
+        if clock is not None:
+            if codes[1] == 0:  # pv is done: every byte went to the receive, which may take a while to commit
+                clock.done()
+            elif clock.stalled():
+                return
         # a dead stage means the rest can only fail: stop them instead of waiting on a stalled pipe
         if any(c not in (None, 0) for c in codes):
             time.sleep(0.5)

@@ -219,9 +219,12 @@ def test_stall_clock_counts_growth_only() -> None:
     assert not clock.stalled()
     now[0] = 105.5
     assert clock.stalled()
-    clock.saw(11)
-    assert not clock.stalled()
+    assert clock.stalled()  # once fired, it stays fired
     assert not pipeline.StallClock(None, now=lambda: 1e9).stalled()
+    finished = pipeline.StallClock(5, now=lambda: now[0])
+    finished.done()
+    now[0] = 1e9
+    assert not finished.stalled()
 
 
 def test_a_stalled_transfer_is_stopped_and_transient(spawned: list[subprocess.Popen[bytes]]) -> None:
@@ -242,3 +245,11 @@ def test_a_slow_transfer_is_not_a_stalled_one(spawned: list[subprocess.Popen[byt
                           stall_seconds=1.5)
     assert result.bytes == 1_000_000
     assert result.seconds > 1.5
+
+
+def test_a_receive_committing_after_the_last_byte_is_not_a_stall(spawned: list[subprocess.Popen[bytes]]) -> None:
+    """Every byte went through; the receive then takes longer than the stall limit to finish (a commit)."""
+    receive = ["sh", "-c", "cat >/dev/null; sleep 2.5"]
+    result = run_pipeline(Stage(SEND_1MB, "local"), Stage(receive, "target"), stall_seconds=1)
+    assert result.bytes == 1_000_000
+    assert [r.exit_code for r in result.stages] == [0, 0, 0]
