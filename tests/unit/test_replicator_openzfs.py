@@ -787,9 +787,29 @@ def real_redis(private_redis: Any) -> Iterator[Any]:
         client.close()
 
 
-def test_replicate_many_end_to_end(world: World, real_redis: Any) -> None:
-    from hoster_tasks.replication.run_all import replicate_many
+def replicate_many(rep: Any, datasets: list[str]) -> dict[str, Any]:
+    """What a replicate-all job does, without Celery: one survey, then each dataset with work through the
+    lifecycle its chain runs (lifecycle.advance and complete under its locks); failures stop one dataset."""
+    from hoster_tasks.errors import HosterTasksError, Transient
+    from hoster_tasks.replication.lifecycle import new_progress, replicate_one
+    from hoster_tasks.replication.run_all import survey
 
+    out: dict[str, Any] = {"results": [], "failed": [], "failed_datasets": [], "transient": False}
+    found = survey(rep, datasets)
+    assert found.listing_error is None
+    for ds in datasets:
+        try:
+            out["results"].append(replicate_one(rep, ds) if ds in found.work
+                                  else {**new_progress(rep, ds), "complete": True})
+        except HosterTasksError as exc:
+            rep.record_failure(ds, str(exc))
+            out["failed"].append(f"{ds}: {exc}")
+            out["failed_datasets"].append(ds)
+            out["transient"] |= isinstance(exc, Transient)
+    return out
+
+
+def test_replicate_many_end_to_end(world: World, real_redis: Any) -> None:
     world.redis = real_redis
     world.pipeline.on_success = apply_stream(world)
     script_estimates(world)
@@ -835,8 +855,6 @@ def test_replicate_many_end_to_end(world: World, real_redis: Any) -> None:
 
 
 def test_replicate_many_a_diverged_target_runs_nothing_destructive(world: World, real_redis: Any) -> None:
-    from hoster_tasks.replication.run_all import replicate_many
-
     world.redis = real_redis
     world.tgt_model.datasets[T_WEB].snaps.append(
         SnapRow("hourly_2024-05-06_11-00-00", guid(T_WEB, "local"), 330, 1_714_993_200)
@@ -855,8 +873,6 @@ def test_replicate_many_a_diverged_target_runs_nothing_destructive(world: World,
 
 
 def test_replicate_many_a_foreign_target_is_refused_before_anything_is_sent(world: World, real_redis: Any) -> None:
-    from hoster_tasks.replication.run_all import replicate_many
-
     world.redis = real_redis
     world.tgt_model.datasets[T_WEB].props["hoster-tasks:parent"] = "node7"
     rep = world.replicator()
