@@ -717,12 +717,13 @@ def scenario_parallel(b: Bench, report: Report, names: SnapNames) -> None:
         syncoid_row.conns.append(conns)
         syncoid_row.cmds.append(cmds)
         say(f"    syncoid -r: {secs:.2f}s")
-        want = {n.split("@", 1)[1] + "@" + n.split("@")[0][len(b.many_root):]: g
-                for n, g in hz.snapshot_guids(b.many_root, recursive=True).items()}
+        def copies(root: str) -> dict[str, int]:  # the VMs' snapshots by relative name (not the root's own)
+            return {n[len(root):]: g for n, g in hz.snapshot_guids(root, recursive=True).items()
+                    if not n.startswith(root + "@")}
+
+        want = copies(b.many_root)
         for root in (b.many_target_root, syncoid_root):
-            got = {n.split("@", 1)[1] + "@" + n.split("@")[0][len(root):]: g
-                   for n, g in hz.snapshot_guids(root, recursive=True).items()}
-            if got != want:
+            if copies(root) != want:
                 raise HarnessError(f"{root} does not mirror {b.many_root} after parallel {level}")
 
 
