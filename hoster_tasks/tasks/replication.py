@@ -382,6 +382,12 @@ def replicate_all(
         return _conclude(self, ep.name, job, datasets, failures, skipped, stale, final=final)
     if not found_work.work:
         return _conclude(self, ep.name, job, datasets, {}, skipped, stale)
+    # Parallelism by the shape of the work, not a semaphore: `parallel` lanes start, and each lane takes the
+    # job's next dataset from a Redis list when its last one is done (finish replaces itself with the next
+    # dataset's chain, keeping its place in the chord). No link ever waits for a slot holding a worker
+    # process, nothing polls or retries for one, a killed worker leaks none, and the order stays the job's.
+    # The price: the bound is per job (two jobs to one target at once may send 2 x parallel); the worker's
+    # concurrency bounds everything together.
     queue = keys.node_queue(self.settings.node_name)
     lanes = found_work.work[: ep.parallel]
     waiting = found_work.work[ep.parallel :]
