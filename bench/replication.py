@@ -509,7 +509,7 @@ def cli_edges(report: Report, sc: str, tasks: dict[str, Any], started: float, en
 
 def add_hoster_rows(report: Report, sc: str, size: int | None, vm_cmd: str) -> None:
     report.row(sc, "hoster-tasks: CLI", stream_bytes=size, note=f"wall time of `hoster-tasks {vm_cmd}`: a new "
-               "process (Python start, Celery send, chain step | ... | finish on the worker, result polled every 0.5 s)")
+               "process (Python start, Celery send, chain step|...|finish on the worker, result polled every 0.5 s)")
     report.row(sc, "hoster-tasks: worker span", stream_bytes=size,
                note="first task received -> last task succeeded, from the worker log")
     report.row(sc, "hoster-tasks: pipeline only", stream_bytes=size,
