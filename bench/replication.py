@@ -176,6 +176,8 @@ class Bench:
     many_target_root: str
     syncoid_path: Path
     trace_path: Path | None = None
+    restart_worker: Callable[[dict[str, Any], int], Worker] | None = None  # a new worker with these env overrides
+    endpoint: dict[str, Any] = field(default_factory=dict)  # the worker's target (HOSTER_TARGETS entry)
 
     # -- commands --------------------------------------------------------------------------------------
     def cli(self, *argv: str, timeout: float = LONG) -> tuple[float, subprocess.CompletedProcess[str]]:
@@ -446,7 +448,7 @@ def build(args: argparse.Namespace, stack: contextlib.ExitStack) -> Bench:
         src_pool.create_dataset("many")
     targets = {"raw": dst_pool.ds("raw/bulk"), "syncoid": dst_pool.ds("syncoid/bulk"),
                "hoster-tasks": dst_pool.ds("ht/bulk")}  # fmt: skip
-    for parent in ("raw", "syncoid", "ht", "many"):
+    for parent in ("raw", "syncoid", "ht", "many", "syncoid-many"):
         dst_pool.create_dataset(parent)
     endpoint = dst.endpoint(root_map={vms_root: dst_pool.ds("ht"), many_root: dst_pool.ds("many")})
     # Production defaults otherwise (heartbeat 10 s: the node's inventory is not re-read every second).
@@ -458,11 +460,19 @@ def build(args: argparse.Namespace, stack: contextlib.ExitStack) -> Bench:
         env.update(PYTHONPATH=os.pathsep.join(p for p in pythonpath if p), BENCH_TRACE_FILE=str(trace_path))
     worker_args = ["-c", str(args.worker_concurrency)] if args.worker_concurrency else []
     worker = workers(src, env, args=worker_args)
+
+    def restart_worker(overrides: dict[str, Any], concurrency: int) -> Worker:
+        bench.worker.stop()
+        bench.worker = workers(src, {**env, **overrides}, args=["-c", str(concurrency)])
+        return bench.worker
+
     say(f"source {src.address} pool {src_pool.name}, target {dst.address} pool {dst_pool.name}, "
         f"redis {redis_server.url}, worker ready; remote shells {'with' if args.keep_bashrc else 'without'} "
         "root's ~/.bashrc")  # fmt: skip
-    return Bench(args, workdir, src, dst, redis_server, worker, bulk_vm, many_root, many_vms, targets,
-                 dst_pool.ds("many"), syncoid_copy(workdir), trace_path)  # fmt: skip
+    bench = Bench(args, workdir, src, dst, redis_server, worker, bulk_vm, many_root, many_vms, targets,
+                  dst_pool.ds("many"), syncoid_copy(workdir), trace_path, restart_worker)  # fmt: skip
+    bench.endpoint = endpoint
+    return bench
 
 
 # -- scenarios ---------------------------------------------------------------------------------------------
@@ -499,7 +509,7 @@ def cli_edges(report: Report, sc: str, tasks: dict[str, Any], started: float, en
 
 def add_hoster_rows(report: Report, sc: str, size: int | None, vm_cmd: str) -> None:
     report.row(sc, "hoster-tasks: CLI", stream_bytes=size, note=f"wall time of `hoster-tasks {vm_cmd}`: a new "
-               "process (Python start, Celery send, chain step|step|finish on the worker, result polled every 0.5 s)")
+               "process (Python start, Celery send, chain step|...|finish on the worker, result polled every 0.5 s)")
     report.row(sc, "hoster-tasks: worker span", stream_bytes=size,
                note="first task received -> last task succeeded, from the worker log")
     report.row(sc, "hoster-tasks: pipeline only", stream_bytes=size,
@@ -658,6 +668,65 @@ def scenario_many(b: Bench, report: Report, names: SnapNames) -> None:
         raise HarnessError("a pass over in-sync VMs changed the target's snapshots")
 
 
+def scenario_parallel(b: Bench, report: Report, names: SnapNames) -> None:
+    """The in-sync VMs, each with --par-mib MiB changed and a new snapshot: one `replicate-all` at each
+    parallelism (the target's `parallel` setting; the worker restarts with it), and in every round a
+    `syncoid -r` pass sending the same delta to a copy of its own (made untimed first)."""
+    args = b.args
+    assert b.restart_worker is not None
+    sc = "4 parallel"
+    k = len(b.many_vms)
+    syncoid_root = b.many_target_root.rsplit("/", 1)[0] + "/syncoid-many"
+    say(f"parallel: copying the {k} VMs for syncoid (untimed)")
+    for vm in b.many_vms:
+        snaps = hz.snapshots(vm)
+        target = syncoid_root + vm[len(b.many_root) :]
+        _local_pipe(["zfs", "send", snaps[0].name], target)
+        if len(snaps) > 1:
+            _local_pipe(["zfs", "send", "-I", snaps[0].name, snaps[-1].name], target)
+    syncoid_row = report.row(sc, "syncoid -r", datasets=k, baseline=True,
+                             note=f"syncoid -r --skip-parent over the {k} VMs, each with {args.par_mib} MiB new")
+    levels = [int(p) for p in args.parallel.split(",")]
+    concurrency = max(4, args.worker_concurrency or 0, *levels)
+    for level in levels:
+        b.restart_worker({"HOSTER_TARGETS": [{**b.endpoint, "parallel": level}]}, concurrency)
+        say(f"  parallel {level}: writing {args.par_mib} MiB into each of the {k} VMs, one snapshot -r")
+        for vm in b.many_vms:
+            hz.write_random(vm, args.par_mib)
+        hz.snapshot(b.many_root, names.next("hourly"), recursive=True)
+        cli_row = report.row(sc, f"hoster-tasks P={level}: CLI", datasets=k,
+                             note=f"`vm replicate-all` with the target's parallel = {level} (worker -c {concurrency})")
+        span_row = report.row(sc, f"hoster-tasks P={level}: worker span", datasets=k,
+                              note="first task received -> last task succeeded, from the worker log")
+        offset, w_offset = b.sshd_offset(), b.worker_offset()
+        secs, proc = b.cli("vm", "replicate-all", "--endpoint", b.dst.name, "--json")
+        conns, cmds = b.ssh_counts(offset)
+        result = json.loads(proc.stdout)
+        if len(result["results"]) != k or {r["action"] for r in result["results"]} != {"incremental"}:
+            raise HarnessError(f"replicate-all did not send every VM's delta: {result}")
+        tasks = b.worker_tasks(w_offset)
+        cli_row.seconds.append(secs)
+        cli_row.conns.append(conns)
+        cli_row.cmds.append(cmds)
+        span_row.seconds.append(tasks["span"] if tasks["span"] is not None else float("nan"))
+        say(f"    hoster-tasks P={level}: {secs:.2f}s (worker span {span_row.seconds[-1]:.2f}s)")
+        offset = b.sshd_offset()
+        secs, _ = b.syncoid(b.many_root, syncoid_root, "--recursive", "--skip-parent")
+        conns, cmds = b.ssh_counts(offset)
+        syncoid_row.seconds.append(secs)
+        syncoid_row.conns.append(conns)
+        syncoid_row.cmds.append(cmds)
+        say(f"    syncoid -r: {secs:.2f}s")
+        def copies(root: str) -> dict[str, int]:  # the VMs' snapshots by relative name (not the root's own)
+            return {n[len(root):]: g for n, g in hz.snapshot_guids(root, recursive=True).items()
+                    if not n.startswith(root + "@")}
+
+        want = copies(b.many_root)
+        for root in (b.many_target_root, syncoid_root):
+            if copies(root) != want:
+                raise HarnessError(f"{root} does not mirror {b.many_root} after parallel {level}")
+
+
 def scenario_floor(b: Bench, report: Report) -> None:
     """Fixed costs of the CLI path, for reading the rows above: Python start, and one Celery round trip."""
     sc = "0 fixed costs"
@@ -682,7 +751,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--many-snaps", type=int, default=3, help="in sync: snapshots per VM (default 3)")
     p.add_argument("--many-repeat", type=int, help="in sync: passes per tool (default: --repeat)")
     p.add_argument("--only", default="bulk,incremental,many,floor",
-                   help="comma list of bulk, incremental, many, floor (incremental needs bulk)")  # fmt: skip
+                   help="comma list of bulk, incremental, many, parallel, floor (incremental needs bulk, parallel "
+                        "needs many)")  # fmt: skip
+    p.add_argument("--parallel", default="1,2,4", help="parallel: the target's parallel settings to run (1,2,4)")
+    p.add_argument("--par-mib", type=int, default=2, help="parallel: MiB written into each VM per round (2)")
     p.add_argument("--keep-bashrc", action="store_true",
                    help="leave the harness's sshd as it is: remote commands then run root's ~/.bashrc (pyenv init, "
                         "~0.17 s each on the development machines)")  # fmt: skip
@@ -698,7 +770,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.only = {s.strip() for s in args.only.split(",") if s.strip()}
     args.trace = args.trace or args.trace_calls
     args.many_repeat = args.many_repeat or args.repeat
-    if unknown := args.only - {"bulk", "incremental", "many", "floor"}:
+    if "parallel" in args.only and "many" not in args.only:
+        p.error("parallel needs many (it continues from the in-sync VMs)")
+    if unknown := args.only - {"bulk", "incremental", "many", "parallel", "floor"}:
         p.error(f"--only: unknown {sorted(unknown)}")
     if "incremental" in args.only and "bulk" not in args.only:
         p.error("incremental needs bulk (it continues from the bulk replication)")
@@ -758,6 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("bulk", lambda: scenario_bulk(b, report, names)),
             ("incremental", lambda: scenario_incremental(b, report, names)),
             ("many", lambda: scenario_many(b, report, names) if args.vms else None),
+            ("parallel", lambda: scenario_parallel(b, report, names) if args.vms else None),
             ("floor", lambda: scenario_floor(b, report)),
         ]
         for name, step in steps:

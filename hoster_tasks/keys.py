@@ -79,6 +79,19 @@ def job_requeued(task_id: str) -> str:
 REQUEUED_TTL_SECONDS = 7 * 24 * 3600
 
 
+def job_queue(job_id: str) -> str:
+    """List: the datasets of a replicate-all job not yet taken by one of its lanes (tasks/replication.py)."""
+    return f"{PREFIX}:job-queue:{job_id}"
+
+
+def job_results(job_id: str) -> str:
+    """Hash dataset -> outcome (JSON) of each dataset a replicate-all job sent; its chord's callback reads it."""
+    return f"{PREFIX}:job-results:{job_id}"
+
+
+JOB_TTL_SECONDS = 7 * 24 * 3600  # a job's queue and results outlive any run of it
+
+
 def deferred_prunes(node_name: str, dataset: str) -> str:
     """Hash stype -> keep: retention a snapshot job could not run while the dataset was replicating."""
     return f"{PREFIX}:prune-deferred:{node_name}:{dataset}"

@@ -15,11 +15,13 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from hoster_tasks import __version__, keys
-from hoster_tasks.errors import NoLiveNode, ReadOnlyCopy, UnknownVM
+from hoster_tasks.errors import NoLiveNode, ReadOnlyCopy, UnknownVM, zfs_error
 from hoster_tasks.hoster_config import is_this_host, parent_host
 from hoster_tasks.names import validate_vm, vm_of
 from hoster_tasks.settings import Settings
+from hoster_tasks.zfs import commands as cmd
 from hoster_tasks.zfs import ops
+from hoster_tasks.zfs.parse import parse_get
 from hoster_tasks.zfs.shell import Shell
 
 
@@ -56,6 +58,24 @@ def inventory(shell: Shell, settings: Settings) -> list[VmInfo]:
         out.append(VmInfo(vm, ds, _parent(found.get(ops.PARENT_PROPERTY, "-"), found.get("mountpoint", "-"),
                                           settings.node_name)))
     return out
+
+
+def vms_among(shell: Shell, settings: Settings, datasets: Sequence[str]) -> list[VmInfo]:
+    """`inventory`, for the given datasets only: one property read of exactly these, not a listing of every
+    VM root (what a task that already knows its dataset needs). A dataset that does not exist, or is not a
+    VM (a direct child of a root), is left out."""
+    wanted = [ds for ds in dict.fromkeys(datasets) if vm_of(ds, settings.datasets) is not None]
+    if not wanted:
+        return []
+    argv = cmd.get_props(wanted, [ops.PARENT_PROPERTY, "mountpoint"], False, settings.zfs_command)
+    result = shell.run(argv, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.strip() and "does not exist" not in line]
+    if result.exit_code != 0 and errors:
+        raise zfs_error(argv, result.exit_code, "\n".join(errors), shell.host)
+    props = parse_get(result.stdout)
+    return [VmInfo(vm, ds, _parent(found.get(ops.PARENT_PROPERTY, "-"), found.get("mountpoint", "-"),
+                                   settings.node_name))
+            for ds in wanted if (found := props.get(ds)) is not None and (vm := vm_of(ds, settings.datasets))]
 
 
 def _parent(recorded: str, mountpoint: str, node_name: str) -> str:

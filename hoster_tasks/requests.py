@@ -375,9 +375,26 @@ class LinkProgress(BaseModel):
     resumed: Count = 0  # of `bytes`: what finished an interrupted receive (send -t)
     seconds: Seconds = 0.0
     complete: bool = False
+    failed: bool = False  # a replicate-all job's link failed for good (recorded in the job): the rest passes
     speed_limit: SpeedLimit | None = None
     handoff: Handoff | None = None
     settled: Settled | None = None
+
+
+class JobRef(BaseModel):
+    """The replicate-all job a chain link runs for (tasks/replication.py): where its outcome goes, and what
+    re-runs the job if the link's worker dies."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    id: Token  # the replicate_all task id: its chord callback reports under it
+    vms: VmList | None = None
+    speed_limit: SpeedLimit | None = None
+    script_name: ScriptName | None = None
+    fanout: Token | None = None  # the beat fan-out the job reports to (Sentry Crons)
+
+
+Note = Annotated[str, StringConstraints(max_length=1000)]
 
 
 class StepRequest(TaskRequest):
@@ -390,6 +407,7 @@ class StepRequest(TaskRequest):
     chain: Token
     report_to: Token | None = None
     diverged: OnDiverged | None = None
+    job: JobRef | None = None
 
     def check_settings(self, settings: Settings) -> None:
         _configured_endpoint(self, self.endpoint, settings)
@@ -403,6 +421,24 @@ class FinishRequest(TaskRequest):
     endpoint: EndpointRef
     chain: Token
     report_to: Token | None = None
+    job: JobRef | None = None
+
+    def check_settings(self, settings: Settings) -> None:
+        _configured_endpoint(self, self.endpoint, settings)
+
+
+class ReplicateAllDoneRequest(TaskRequest):
+    """The chord callback of a replicate-all job: `parts` are its lanes' last links' results (None each)."""
+
+    task_name: ClassVar[str] = "hoster.replication.replicate_all_done"
+
+    parts: Annotated[list[None], Field(max_length=MAX_ITEMS)]
+    endpoint: EndpointRef
+    job: JobRef
+    datasets: DatasetList  # every dataset of the job, in order
+    work: DatasetList  # those sent by a chain (the others were in sync)
+    skipped: Annotated[list[Note], Field(max_length=MAX_ITEMS)] | None = None
+    superseded: Annotated[list[Note], Field(max_length=MAX_ITEMS)] | None = None
 
     def check_settings(self, settings: Settings) -> None:
         _configured_endpoint(self, self.endpoint, settings)
@@ -459,5 +495,6 @@ PUBLIC_REQUESTS: dict[str, type[TaskRequest]] = {
     m.task_name: m
     for m in (TakeRequest, TakeAllRequest, ListRequest, DestroyRequest, SnapshotFanoutRequest, ReplicateRequest,
               ReplicateAllRequest, ReplicationFanoutRequest, StepRequest, FinishRequest, ChainFailedRequest,
-              RollbackRequest, ChangeParentRequest, CiresetRequest, MoveRequest, RetryFailedRequest)
+              ReplicateAllDoneRequest, RollbackRequest, ChangeParentRequest, CiresetRequest, MoveRequest,
+              RetryFailedRequest)
 }

@@ -42,6 +42,10 @@ class Endpoint(BaseModel, frozen=True):
     # An encrypted dataset is sent raw (it stays encrypted on the target) or not at all; true allows a
     # decrypted (plaintext) copy where either side's ZFS has no raw send (zfs send -w).
     send_decrypted: bool = False
+    # replicate-all: how many of a job's datasets are sent to this target at once (each in its own chain; the
+    # job runs this many lanes, each taking the job's next dataset when its last one is done). Also bounded
+    # by the worker's concurrency.
+    parallel: int = Field(default=2, ge=1, le=64)
 
     @field_validator("name")
     @classmethod

@@ -6,8 +6,9 @@
     complete  under the locks: protect the base, prune the target, run the source prunes that snapshot jobs
               deferred while this dataset was replicating
 
-A chain runs `advance(max_steps=1)` per link and `complete` in its last link; replicate-all runs
-`advance()` and `complete` under one hold of the locks (`replicate_one`).
+A chain (`vm replicate`, and each dataset of a replicate-all job) runs `advance(max_steps=1)` per link and
+`complete` in its last link; a planned move (failover.py) runs `advance()` and `complete` under one hold of
+the locks (`replicate_one`), inside its own task.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ from typing import Any
 
 from hoster_tasks.locks import DatasetLock
 from hoster_tasks.replication.replicator import Replicator, Sides
+from hoster_tasks.settings import Endpoint
 from hoster_tasks.snapshots import run_deferred_prunes
 
 
 def new_progress(rep: Replicator, dataset: str) -> dict[str, Any]:
     """What a run reports (JSON: it travels from chain link to chain link)."""
-    return {"dataset": dataset, "target": rep.endpoint.target_dataset(dataset), "target_host": rep.endpoint.name,
+    return endpoint_progress(rep.endpoint, dataset)
+
+
+def endpoint_progress(endpoint: Endpoint, dataset: str) -> dict[str, Any]:
+    return {"dataset": dataset, "target": endpoint.target_dataset(dataset), "target_host": endpoint.name,
             "action": "nothing", "sent": [], "bytes": 0, "seconds": 0.0, "complete": False}
 
 

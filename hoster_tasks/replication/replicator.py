@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -126,10 +127,14 @@ class Replicator:
         src_props = ops.snapshot_props(self.ctx.caps) + (ops.base_property(self.endpoint.name),)
         if self.ctx.caps.raw_send:
             src_props += ("encryption",)
-        raw = ops.get_properties(self.ctx.shell, datasets, src_props, recursive=True, zfs=self.ctx.zfs)
-        source = {ds: snapshots_from_get(raw).get(ds, []) for ds in datasets}
-        targets = [self.endpoint.target_dataset(ds) for ds in datasets]
-        tgt_raw, missing = self._list_target(targets)
+        # both sides at once: the local listing runs while the target answers (the floor is the slower one)
+        with ThreadPoolExecutor(1, thread_name_prefix="list-local") as pool:
+            local = pool.submit(ops.get_properties, self.ctx.shell, datasets, src_props, True, self.ctx.zfs)
+            targets = [self.endpoint.target_dataset(ds) for ds in datasets]
+            tgt_raw, missing = self._list_target(targets)
+            raw = local.result()
+        by_dataset = snapshots_from_get(raw)
+        source = {ds: by_dataset.get(ds, []) for ds in datasets}
         found = snapshots_from_get(tgt_raw)
         target = {t: (None if t in missing else found.get(t, [])) for t in targets}
         marks = bookmarks_from_get(raw) if self.ctx.caps.bookmarks else {}

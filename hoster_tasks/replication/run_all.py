@@ -1,20 +1,20 @@
-"""replicate-all on one node: one batched listing per host for every dataset, then each dataset in turn.
+"""replicate-all on one node: one batched listing per host for every dataset, and which of them need work.
 
-Datasets already in sync cost nothing more than their share of that listing. A dataset with work is locked
-and listed again under its lock (the plan must be made under the lock), then sent full and/or incremental
-in the same run: no second run is needed as in Hoster. A failure of one dataset (a lost lease included)
-stops that dataset only; a failure of the listing itself (target unreachable, host key refused) fails
-every dataset of the run, so it reaches the ERROR_ file and the metrics like any other.
+Datasets already in sync cost nothing more than their share of that listing. Each dataset with work then
+runs its own chain of links (`step | ... | finish`, tasks/replication.py), the same lifecycle as `vm
+replicate`: it is locked and listed again under its lock (the plan must be made under the lock), then sent
+full and/or incremental in the same run: no second run is needed as in Hoster. A failure of one dataset (a
+lost lease included) stops that dataset only; a failure of the listing itself (target unreachable, host key
+refused) fails every dataset of the run, so it reaches the ERROR_ file and the metrics like any other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
 
-from hoster_tasks.errors import HosterTasksError, Transient
+from hoster_tasks.errors import HosterTasksError
 from hoster_tasks.policy.planner import Action
-from hoster_tasks.replication.lifecycle import new_progress, replicate_one
 from hoster_tasks.replication.replicator import Replicator, Sides
 from hoster_tasks.zfs import ops
 
@@ -31,29 +31,24 @@ def _needs_work(rep: Replicator, dataset: str, sides: Sides) -> bool:
     return recorded != str(plan.common.guid) or rep.base_unheld(dataset, sides)
 
 
-def _failed(outcome: dict[str, Any], rep: Replicator, dataset: str, exc: HosterTasksError) -> None:
-    rep.record_failure(dataset, str(exc))
-    outcome["failed"].append(f"{dataset}: {exc}")
-    outcome["failed_datasets"].append(dataset)
-    outcome["errors"][dataset] = str(exc)
-    outcome["transient"] |= isinstance(exc, Transient)
+@dataclass
+class Survey:
+    """What one listing per host says about a job's datasets."""
+
+    work: list[str] = field(default_factory=list)  # each gets a chain
+    in_sync: list[str] = field(default_factory=list)  # nothing to do
+    listing_error: HosterTasksError | None = None  # the listing failed: every dataset failed with it
 
 
-def replicate_many(rep: Replicator, datasets: Sequence[str]) -> dict[str, Any]:
-    outcome: dict[str, Any] = {"results": [], "failed": [], "failed_datasets": [], "errors": {},
-                               "transient": False}
+def survey(rep: Replicator, datasets: Sequence[str]) -> Survey:
+    out = Survey()
     if not datasets:
-        return outcome
+        return out
     try:
         sides = rep.list_sides(datasets)
     except HosterTasksError as exc:
-        for ds in datasets:
-            _failed(outcome, rep, ds, exc)
-        return outcome
+        out.listing_error = exc
+        return out
     for ds in datasets:
-        try:
-            outcome["results"].append(replicate_one(rep, ds) if _needs_work(rep, ds, sides)
-                                      else {**new_progress(rep, ds), "complete": True})
-        except HosterTasksError as exc:
-            _failed(outcome, rep, ds, exc)
-    return outcome
+        (out.work if _needs_work(rep, ds, sides) else out.in_sync).append(ds)
+    return out

@@ -14,7 +14,7 @@ from hoster_tasks.errors import ReadOnlyCopy, UnknownVM
 from hoster_tasks.failover import stale_message
 from hoster_tasks.jobs import JobLease, Rerun
 from hoster_tasks.names import validate_vm
-from hoster_tasks.nodes import VmInfo, inventory, superseded
+from hoster_tasks.nodes import VmInfo, superseded, vms_among
 from hoster_tasks.observability.crons import fanout_headers, fanout_of, job_finished
 from hoster_tasks.redis_conn import client_from_url
 from hoster_tasks.requests import TaskRequest
@@ -75,10 +75,9 @@ class NodeTask(PublicTask):
         return probe(self.shell, self.settings.zfs_command)
 
     def find_vm(self, vm: str) -> VmInfo:
-        validate_vm(vm)
-        for info in inventory(self.shell, self.settings):
-            if info.name == vm:
-                return info
+        validate_vm(vm)  # then read only the datasets it can be (one per root), not every VM of the node
+        for info in vms_among(self.shell, self.settings, [f"{root}/{vm}" for root in self.settings.datasets]):
+            return info
         raise UnknownVM(f"unknown VM {vm!r} on node {self.settings.node_name}")
 
     def own_vm(self, vm: str) -> VmInfo:
@@ -103,10 +102,9 @@ class NodeTask(PublicTask):
                                f"{info.parent!r}'s VM {info.name}: it is read-only here")
 
     def owned_dataset(self, dataset: str) -> VmInfo:
-        for info in inventory(self.shell, self.settings):
-            if info.dataset == dataset:
-                self.check_owned(info)
-                return info
+        for info in vms_among(self.shell, self.settings, [dataset]):
+            self.check_owned(info)
+            return info
         raise UnknownVM(f"{dataset!r} is not a VM dataset on node {self.settings.node_name}")
 
     def rerun(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Rerun:

@@ -1,20 +1,28 @@
-"""hoster.replication.*: replicate one VM as a chain (step | step | finish), replicate_all, fanout.
+"""hoster.replication.*: replicate one VM as a chain (step | ... | finish), replicate_all, fanout.
 
 `replicate` plans nothing itself: it replaces itself with a chain whose links each plan when they run (a
-plan made at queue time breaks when pruning runs first). The first link does the full send when the target
-is absent, the second the incremental up to the newest snapshot, the last records the base and prunes the
-target. The chain's links share one lock token, so the dataset stays locked from the first link to the last.
+plan made at queue time breaks when pruning runs first). A `step` sends its plan's first step (the full send
+when the target is absent, else the incremental up to the newest snapshot) and, only when its plan had more,
+puts one more `step` after itself; `finish` records the base and prunes the target. The links hand the
+dataset's lock on to each other, so it stays locked from the first link to the last.
+
+`replicate_all` lists both sides once for all its VMs and gives each VM that needs work the same chain, run
+in `parallel` lanes (a setting per target) and joined by a chord whose callback, `replicate_all_done`, writes
+the job's result and its ERROR_ file. In a job, a link's final failure is recorded in the job (not raised):
+the other datasets go on, and the callback reports every failure at once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from typing import Any
 
-from celery import chain
-from celery.exceptions import Ignore
+from celery import chain, chord
+from celery.canvas import Signature
+from celery.exceptions import Ignore, TaskPredicate
 
 from hoster_tasks import keys
 from hoster_tasks.celery_app import app
@@ -23,15 +31,17 @@ from hoster_tasks.jobs import Rerun
 from hoster_tasks.locks import DatasetLock
 from hoster_tasks.names import vm_of
 from hoster_tasks.nodes import inventory, live_nodes
+from hoster_tasks.observability.crons import fanout_headers, fanout_of
 from hoster_tasks.observability.errorfile import JOB_LINE, error_name, update_errors
 from hoster_tasks.observability.sentry import report_context
 from hoster_tasks.policy.planner import Action
 from hoster_tasks.redis_conn import client_from_url
-from hoster_tasks.replication.lifecycle import advance, complete, new_progress
+from hoster_tasks.replication.lifecycle import advance, complete, endpoint_progress, new_progress
 from hoster_tasks.replication.replicator import Replicator
 from hoster_tasks.requests import (
     ChainFailedRequest,
     FinishRequest,
+    ReplicateAllDoneRequest,
     ReplicateAllRequest,
     ReplicateRequest,
     ReplicationFanoutRequest,
@@ -42,6 +52,7 @@ from hoster_tasks.settings import get_settings
 from hoster_tasks.snapshots import NodeContext
 from hoster_tasks.tasks.base import NodeTask, PublicTask
 from hoster_tasks.zfs.probe import Capabilities
+from hoster_tasks.zfs.shell import kept_ssh
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +68,11 @@ class ReplicationTask(NodeTask):
     retry_backoff_max = get_settings().retry_backoff_max_seconds
 
     def replicator(self, endpoint: str, speed_limit: float | None, report_to: str | None = None) -> Replicator:
-        """A Replicator for this run; the target's probed capabilities are kept per worker process."""
+        """A Replicator for this run; the target's SSH connection and probed capabilities are kept per worker
+        process (one connection and one probe per endpoint, across links and runs; reopened when lost)."""
         ctx = NodeContext(self.settings, self.shell, self.caps, self.redis)
-        return Replicator(ctx, self.settings.endpoint(endpoint), speed_limit, self._progress(report_to),
+        ep = self.settings.endpoint(endpoint)
+        return Replicator(ctx, ep, speed_limit, self._progress(report_to), target_shell=kept_ssh(ep),
                           caps_cache=self.target_caps_cache)
 
     def _progress(self, report_to: str | None) -> Any:
@@ -96,11 +109,17 @@ class LinkTask(ReplicationTask):
     abstract = True
 
     def rerun(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Rerun:
-        params = dict(zip(("prev", "dataset", "endpoint", "speed_limit", "chain", "report_to", "diverged"), args,
-                          strict=False))
+        params = dict(zip(("prev", "dataset", "endpoint", "speed_limit", "chain", "report_to", "diverged", "job"),
+                          args, strict=False))
         if self.name == finish.name:
-            params = dict(zip(("prev", "dataset", "endpoint", "chain", "report_to"), args, strict=False))
+            params = dict(zip(("prev", "dataset", "endpoint", "chain", "report_to", "job"), args, strict=False))
         params.update(kwargs)
+        job = params.get("job")
+        if isinstance(job, dict):  # a job's link: the whole job runs again (what is in sync costs a listing)
+            return Rerun(replicate_all.name, [params["endpoint"]],
+                         {"vms": job.get("vms"), "speed_limit": job.get("speed_limit"),
+                          "script_name": job.get("script_name")},
+                         keys.node_queue(self.settings.node_name), str(job["id"]), fanout_headers(job.get("fanout")))
         prev = params.get("prev") or {}
         vm = vm_of(str(params["dataset"]), self.settings.datasets) or str(params["dataset"])
         speed = params.get("speed_limit", prev.get("speed_limit") if isinstance(prev, dict) else None)
@@ -110,33 +129,76 @@ class LinkTask(ReplicationTask):
                      self.rerun_headers())
 
 
-def _fail(task: ReplicationTask, rep: Replicator, dataset: str, exc: BaseException) -> None:
-    """A chain link failed: context for Sentry now; state and the ERROR_ file only once it is final."""
+def _fail(task: ReplicationTask, rep: Replicator, dataset: str, exc: BaseException, job: dict[str, Any] | None) -> None:
+    """A chain link failed: context for Sentry now; state and the ERROR_ file only once it is final (a job's
+    ERROR_ file is written by its chord callback)."""
     endpoint = rep.endpoint.name
     report_context(dataset=dataset, node=task.settings.node_name, target=endpoint,
                    stderr=getattr(exc, "stderr", ""), argv=getattr(exc, "argv", None))
     if task.will_retry(exc):
         return  # will be retried: only a final failure is recorded
     rep.record_failure(dataset, str(exc))
-    update_errors(task.settings.error_dir, error_name(endpoint, None), {dataset: str(exc)}, [])
+    if job is None:
+        update_errors(task.settings.error_dir, error_name(endpoint, None), {dataset: str(exc)}, [])
+
+
+def dataset_chain(
+    dataset: str, endpoint: str, speed_limit: float | None, report_to: str | None, queue: str,
+    diverged: str | None = None, job: dict[str, Any] | None = None,
+) -> Any:
+    """One dataset's replication: `step | finish` (a step adds a step after itself while its plan has more).
+    `vm replicate` runs it on its own; a replicate-all job runs it per dataset that needs work."""
+    chain_id = uuid.uuid4().hex
+    return chain(
+        step.si(None, dataset, endpoint, speed_limit, chain_id, report_to, diverged, job).set(queue=queue),
+        finish.s(dataset, endpoint, chain_id, report_to, job).set(queue=queue),
+    )
+
+
+def _record_in_job(task: ReplicationTask, job: dict[str, Any], dataset: str, outcome: dict[str, Any]) -> None:
+    key = keys.job_results(str(job["id"]))
+    pipe = task.redis.pipeline()
+    pipe.hset(key, dataset, json.dumps(outcome, default=str))
+    pipe.expire(key, keys.JOB_TTL_SECONDS)
+    pipe.execute()
+
+
+def _job_failure(
+    task: ReplicationTask, job: dict[str, Any], dataset: str, exc: Exception, acc: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A job's link failed for good: recorded in the job for its callback, and passed down the chain."""
+    if not isinstance(exc, HosterTasksError):  # an unexpected error stops this dataset only, but is logged
+        log.exception("%s of %s failed", task.name, dataset)
+    _record_in_job(task, job, dataset, {"dataset": dataset, "error": str(exc) or type(exc).__name__,
+                                        "transient": isinstance(exc, Transient)})
+    progress = {k: v for k, v in (acc or {}).items() if k != "handoff"}
+    return {**progress, "dataset": dataset, "failed": True}
+
+
+def _in_job(task: ReplicationTask, job: dict[str, Any] | None, dataset: str, acc: dict[str, Any] | None,
+            body: Any) -> Any:
+    """Run a link's body; in a job, a final failure (no retry left) becomes a recorded outcome."""
+    try:
+        return body()
+    except TaskPredicate:  # Ignore (a duplicate, a replaced link), Retry
+        raise
+    except Exception as exc:
+        if job is None or task.will_retry(exc):
+            raise
+        return _job_failure(task, job, dataset, exc, acc)
 
 
 @app.task(name="hoster.replication.replicate", base=ReplicationTask, bind=True, request_model=ReplicateRequest)
 def replicate(
     self: ReplicationTask, vm: str, endpoint: str, speed_limit: float | None = None, diverged: str | None = None
 ) -> Any:
-    """Full then incremental, automatically: replaced by the chain step | step | finish on this node.
+    """Full then incremental, automatically: replaced by the chain step | ... | finish on this node.
     `diverged` ("discard" | "keep"): what to do with a copy that went its own way (the way back)."""
     info = self.own_vm(vm)
     name = self.settings.endpoint(endpoint).name  # a bad endpoint fails here; the links use its name
     queue = keys.node_queue(self.settings.node_name)
-    chain_id = uuid.uuid4().hex
     report_to = self.request.id
-    links = chain(
-        step.si(None, info.dataset, name, speed_limit, chain_id, report_to, diverged).set(queue=queue),
-        step.s(info.dataset, name, speed_limit, chain_id, report_to).set(queue=queue),
-        finish.s(info.dataset, name, chain_id, report_to).set(queue=queue),
-    )
+    links = dataset_chain(info.dataset, name, speed_limit, report_to, queue, diverged)
     links.on_error(chain_failed.si(report_to, info.dataset, name).set(queue=queue))
     raise self.replace(links)
 
@@ -160,43 +222,89 @@ def _claim(src: DatasetLock, tgt: DatasetLock, acc: dict[str, Any]) -> None:
 def step(
     self: LinkTask, prev: dict[str, Any] | None, dataset: str, endpoint: str,
     speed_limit: float | None, chain: str, report_to: str | None = None, diverged: str | None = None,
+    job: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Plan now and run the plan's first step (a full send, or an incremental to the newest). `diverged`
-    (first link only): settle a diverged copy first, as the user chose."""
-    self.owned_dataset(dataset)
-    if prev and prev.get("complete"):  # the first link's plan had one step and it ran: nothing left here
-        return prev
-    rep = self.replicator(endpoint, speed_limit, report_to)
+    """Plan now and run the plan's first step (a full send, or an incremental to the newest); when the plan
+    had more, one more `step` runs next. `diverged` (first link only): settle a diverged copy first, as the
+    user chose."""
+    if prev and (prev.get("complete") or prev.get("failed")):  # nothing left here (and chains queued before
+        return dict(prev)  # steps were added only when needed: step | step | finish)
+    return _in_job(self, job, dataset, prev, lambda: _step(self, prev, dataset, endpoint, speed_limit, chain,
+                                                           report_to, diverged, job))
+
+
+def _step(
+    task: LinkTask, prev: dict[str, Any] | None, dataset: str, endpoint: str, speed_limit: float | None,
+    chain_id: str, report_to: str | None, diverged: str | None, job: dict[str, Any] | None,
+) -> dict[str, Any]:
+    task.owned_dataset(dataset)
+    rep = task.replicator(endpoint, speed_limit, report_to)
     rep.on_diverged = diverged
+    if job is not None:  # a failure is recorded with the file it goes to: a later success clears it
+        rep.error_name = error_name(rep.endpoint.name, job.get("script_name"))
     acc = dict(prev) if prev else {**new_progress(rep, dataset), "speed_limit": speed_limit}
-    src_lock, tgt_lock = rep.locks(dataset, chain)
+    src_lock, tgt_lock = rep.locks(dataset, chain_id)
     try:
         _claim(src_lock, tgt_lock, acc)
         advance(rep, dataset, acc, max_steps=1)
         if rep.settled:
             acc["settled"] = rep.settled
         acc["handoff"] = {"source": src_lock.hand_off(), "target": tgt_lock.hand_off()}
+        if not acc["complete"]:  # the plan has more steps: one more link, before the rest of the chain
+            _run_next(task, step.s(dataset, endpoint, speed_limit, chain_id, report_to, None, job))
         return acc
     except DuplicateDelivery as exc:
-        raise self.duplicate(exc) from None
+        raise task.duplicate(exc) from None
     except BaseException as exc:
         src_lock.release()  # a compare-and-delete: never someone else's lock
         tgt_lock.release()
-        if isinstance(exc, HosterTasksError):
-            _fail(self, rep, dataset, exc)
+        if isinstance(exc, HosterTasksError) or (job is not None and isinstance(exc, Exception)):
+            _fail(task, rep, dataset, exc, job)
         raise
     finally:
         rep.close()
 
 
+def _run_next(task: LinkTask, sig: Signature) -> None:
+    """Put `sig` right after the running link in its chain (Celery sends the chain's last entry next), with
+    the chain's error callbacks. A link sent on its own, outside a chain, stays one link."""
+    if not task.request.chain:
+        return
+    sig = sig.set(queue=keys.node_queue(task.settings.node_name))
+    for errback in task.request.errbacks or []:
+        sig.link_error(errback)
+    task.request.chain.append(sig)
+
+
 @app.task(name="hoster.replication.finish", base=LinkTask, bind=True, request_model=FinishRequest)
 def finish(
-    self: LinkTask, acc: dict[str, Any], dataset: str, endpoint: str, chain: str, report_to: str | None = None
+    self: LinkTask, acc: dict[str, Any], dataset: str, endpoint: str, chain: str, report_to: str | None = None,
+    job: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Record the base, prune the target, run deferred prunes. In a job, the outcome goes to the job and the
+    lane goes on with the job's next dataset (None at the lane's end)."""
+    if not acc.get("failed"):
+        result = _in_job(self, job, dataset, acc, lambda: _finish(self, acc, dataset, endpoint, chain, job))
+        if job is None:
+            return result
+        if not result.get("failed"):
+            _record_in_job(self, job, dataset, result)
+    elif job is None:  # (only a job's link passes a failure down the chain)
+        return dict(acc)
+    assert job is not None
+    _next_in_lane(self, endpoint, job)
+    return None
+
+
+def _finish(
+    task: LinkTask, acc: dict[str, Any], dataset: str, endpoint: str, chain_id: str, job: dict[str, Any] | None
 ) -> dict[str, Any]:
-    self.owned_dataset(dataset)
-    rep = self.replicator(endpoint, None)
+    task.owned_dataset(dataset)
+    rep = task.replicator(endpoint, None)
+    if job is not None:
+        rep.error_name = error_name(rep.endpoint.name, job.get("script_name"))
     acc = dict(acc)
-    src_lock, tgt_lock = rep.locks(dataset, chain)
+    src_lock, tgt_lock = rep.locks(dataset, chain_id)
     try:
         _claim(src_lock, tgt_lock, acc)
         sides = rep.list_sides([dataset])
@@ -204,17 +312,30 @@ def finish(
         done = complete(rep, dataset, src_lock, sides)
         if done["base"] is not None:
             rep.record_success(dataset, acc["bytes"], acc["seconds"], done["target_newest_creation"])
-        update_errors(self.settings.error_dir, error_name(rep.endpoint.name, None), {}, [dataset])
+        if job is None:
+            update_errors(task.settings.error_dir, error_name(rep.endpoint.name, None), {}, [dataset])
         return {**acc, **done, "remaining": plan.action.value if plan.action is not Action.NOTHING else None}
     except DuplicateDelivery as exc:
-        raise self.duplicate(exc) from None
-    except HosterTasksError as exc:
-        _fail(self, rep, dataset, exc)
+        raise task.duplicate(exc) from None
+    except Exception as exc:
+        if isinstance(exc, HosterTasksError) or job is not None:
+            _fail(task, rep, dataset, exc, job)
         raise
     finally:
         src_lock.release()
         tgt_lock.release()
         rep.close()
+
+
+def _next_in_lane(task: LinkTask, endpoint: str, job: dict[str, Any]) -> None:
+    """The job's next dataset not yet taken by a lane runs in this lane (this link is replaced by its chain,
+    which inherits the lane's place in the chord); returns when none is left: the lane ends."""
+    raw = task.redis.lpop(keys.job_queue(str(job["id"])))
+    if raw is None:
+        return
+    dataset = raw.decode() if isinstance(raw, bytes) else str(raw)
+    queue = keys.node_queue(task.settings.node_name)
+    raise task.replace(dataset_chain(dataset, endpoint, job.get("speed_limit"), str(job["id"]), queue, job=job))
 
 
 @app.task(
@@ -224,47 +345,111 @@ def replicate_all(
     self: ReplicationTask, endpoint: str, vms: list[str] | None = None, speed_limit: float | None = None,
     script_name: str | None = None,
 ) -> dict[str, Any]:
-    """Every VM this node owns (copies skipped), one listing per host, full + incremental in one run."""
+    """Every VM this node owns (copies skipped), one listing per host; each VM with work gets its own chain
+    (full + incremental in one run), `parallel` of them at a time, joined by `replicate_all_done`."""
+    from hoster_tasks.replication.run_all import survey
+
     ep = self.settings.endpoint(endpoint)  # endpoint and script name were checked at the boundary (requests.py)
     name = error_name(ep.name, script_name)
+    job: dict[str, Any] = {"id": self.request.id, "vms": vms, "speed_limit": speed_limit,
+                           "script_name": script_name, "fanout": fanout_of(self.request)}
     try:
-        outcome = _replicate_all(self, ep.name, vms, speed_limit, name)
+        found = inventory(self.shell, self.settings)
+        unknown = sorted(set(vms or []) - {v.name for v in found})
+        if unknown:
+            raise UnknownVM(f"unknown VM(s) on node {self.settings.node_name}: {', '.join(unknown)}")
+        chosen = [v for v in found if not vms or v.name in vms]
+        owned, stale = self.owned_vms(chosen)
+        datasets = [v.dataset for v in owned]
+        skipped = [f"{v.dataset} (backup copy of {v.parent})" for v in chosen if v.parent != self.settings.node_name]
+        rep = self.replicator(ep.name, speed_limit, self.request.id)
+        rep.error_name = name  # a failure is recorded with the file it goes to: a retry's success clears it
+        try:
+            found_work = survey(rep, datasets)
+        finally:
+            rep.close()
     except HosterTasksError as exc:
         if not self.will_retry(exc):
             update_errors(self.settings.error_dir, name, {JOB_LINE: str(exc)}, [])
         raise
-    done = [r["dataset"] for r in outcome["results"]] + [JOB_LINE]
-    final = not (outcome["transient"] and self.request.retries < self.max_retries)
-    update_errors(self.settings.error_dir, name, outcome["errors"] if final else {}, done)
-    if outcome["failed"]:
-        report_context(node=self.settings.node_name, target=ep.name, dataset=",".join(outcome["failed_datasets"]))
-        if not final:
-            raise self.retry(countdown=min(2 ** self.request.retries, self.retry_backoff_max))
-        raise Permanent("replication failed: " + "; ".join(outcome["failed"]))
-    return outcome
+    if found_work.listing_error is not None:  # every dataset failed with it: recorded, retried as a whole
+        error = found_work.listing_error
+        for ds in datasets:
+            rep.record_failure(ds, str(error))
+        transient = isinstance(error, Transient)
+        failures = {ds: {"dataset": ds, "error": str(error), "transient": transient} for ds in datasets}
+        final = not (transient and self.request.retries < self.max_retries)
+        return _conclude(self, ep.name, job, datasets, failures, skipped, stale, final=final)
+    if not found_work.work:
+        return _conclude(self, ep.name, job, datasets, {}, skipped, stale)
+    # Parallelism by the shape of the work, not a semaphore: `parallel` lanes start, and each lane takes the
+    # job's next dataset from a Redis list when its last one is done (finish replaces itself with the next
+    # dataset's chain, keeping its place in the chord). No link ever waits for a slot holding a worker
+    # process, nothing polls or retries for one, a killed worker leaks none, and the order stays the job's.
+    # The price: the bound is per job (two jobs to one target at once may send 2 x parallel); the worker's
+    # concurrency bounds everything together.
+    queue = keys.node_queue(self.settings.node_name)
+    lanes = found_work.work[: ep.parallel]
+    waiting = found_work.work[ep.parallel :]
+    if waiting:
+        pipe = self.redis.pipeline()
+        pipe.delete(keys.job_queue(self.request.id))  # a retried job starts its queue over
+        pipe.rpush(keys.job_queue(self.request.id), *waiting)
+        pipe.expire(keys.job_queue(self.request.id), keys.JOB_TTL_SECONDS)
+        pipe.execute()
+    done = replicate_all_done.s(ep.name, job, datasets, found_work.work, skipped, stale).set(
+        queue=queue, headers=fanout_headers(job["fanout"]))  # the callback ends the job: it reports to the fan-out
+    raise self.replace(chord([dataset_chain(ds, ep.name, speed_limit, self.request.id, queue, job=job)
+                              for ds in lanes], done))
 
 
-def _replicate_all(
-    task: ReplicationTask, endpoint: str, vms: list[str] | None, speed_limit: float | None, error_name: str
+@app.task(name="hoster.replication.replicate_all_done", base=ReplicationTask, bind=True,
+          request_model=ReplicateAllDoneRequest)
+def replicate_all_done(
+    self: ReplicationTask, parts: list[None], endpoint: str, job: dict[str, Any], datasets: list[str],
+    work: list[str], skipped: list[str] | None = None, superseded: list[str] | None = None,
 ) -> dict[str, Any]:
-    from hoster_tasks.replication.run_all import replicate_many
-
-    found = inventory(task.shell, task.settings)
-    unknown = sorted(set(vms or []) - {v.name for v in found})
-    if unknown:
-        raise UnknownVM(f"unknown VM(s) on node {task.settings.node_name}: {', '.join(unknown)}")
-    chosen = [v for v in found if not vms or v.name in vms]
-    owned, stale = task.owned_vms(chosen)
-    rep = task.replicator(endpoint, speed_limit, task.request.id)
-    rep.error_name = error_name  # a failure is recorded with the file it goes to: a retry's success clears it
-    try:
-        outcome = replicate_many(rep, [v.dataset for v in owned])
-    finally:
-        rep.close()
-    outcome["skipped"] = [f"{v.dataset} (backup copy of {v.parent})" for v in chosen
-                          if v.parent != task.settings.node_name]
-    outcome["superseded"] = stale
+    """The chord callback of a replicate-all job (it runs under the job's id): the result, the ERROR_ file."""
+    key = keys.job_results(str(job["id"]))
+    recorded = {(k.decode() if isinstance(k, bytes) else k): json.loads(v)
+                for k, v in self.redis.hgetall(key).items()}  # type: ignore[union-attr]
+    outcomes = {ds: recorded.get(ds) or {"dataset": ds, "error": "its chain ended without an outcome (lost)",
+                                         "transient": True} for ds in work}
+    outcome = _conclude(self, endpoint, job, datasets, outcomes, skipped or [], superseded or [])
+    self.redis.delete(key, keys.job_queue(str(job["id"])))
     return outcome
+
+
+def _conclude(
+    task: ReplicationTask, endpoint: str, job: dict[str, Any], datasets: list[str], outcomes: dict[str, Any],
+    skipped: list[str], superseded: list[str], final: bool = True,
+) -> dict[str, Any]:
+    """The job's result from each dataset's outcome (in sync when it has none), its ERROR_ file; raises
+    when a dataset failed (retried first when the job is not final)."""
+    ep = task.settings.endpoint(endpoint)
+    name = error_name(ep.name, job.get("script_name"))
+    out: dict[str, Any] = {"results": [], "failed": [], "failed_datasets": [], "errors": {}, "transient": False}
+    for ds in datasets:
+        got = outcomes.get(ds)
+        if got is None:
+            out["results"].append({**endpoint_progress(ep, ds), "complete": True})
+        elif "error" in got:
+            out["failed"].append(f"{ds}: {got['error']}")
+            out["failed_datasets"].append(ds)
+            out["errors"][ds] = got["error"]
+            out["transient"] |= bool(got.get("transient"))
+        else:
+            out["results"].append(got)
+    out["skipped"] = skipped
+    out["superseded"] = superseded
+    done = [r["dataset"] for r in out["results"]] + [JOB_LINE]
+    update_errors(task.settings.error_dir, name, out["errors"] if final else {}, done)
+    if out["failed"]:
+        report_context(node=task.settings.node_name, target=ep.name, dataset=",".join(out["failed_datasets"]))
+        if not final:
+            raise task.retry(countdown=min(2 ** task.request.retries, task.retry_backoff_max))
+        raise Permanent("replication failed: " + "; ".join(out["failed"]))
+    return out
 
 
 @app.task(name="hoster.replication.fanout", base=PublicTask, bind=True, request_model=ReplicationFanoutRequest)

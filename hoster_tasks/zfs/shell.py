@@ -6,8 +6,10 @@ ssh zfs receive`) uses the OpenSSH client instead; `ssh_argv` builds that argv w
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -98,8 +100,11 @@ class SshShell:
         self.host = endpoint.name
         self._timeout = endpoint.connect_timeout
         self._conn: object | None = None
+        self._used = False  # the connection has carried a command: it may since have died while idle
 
     def _connection(self):  # type: ignore[no-untyped-def]
+        if self._conn is not None and self._used and not self._conn.is_connected:  # type: ignore[attr-defined]
+            self._drop()  # closed by the peer (or a network cut) while idle: open a new one, run nothing twice
         if self._conn is None:
             import paramiko
             from fabric import Config, Connection
@@ -129,22 +134,22 @@ class SshShell:
 
         argv = list(argv)
         try:
-            res = self._connection().run(
-                remote_command_line(argv), hide=True, warn=True, in_stream=False, timeout=timeout
-            )
+            conn = self._connection()
+            self._used = True
+            res = conn.run(remote_command_line(argv), hide=True, warn=True, in_stream=False, timeout=timeout)
         except paramiko.BadHostKeyException as exc:
             raise CommandFailed(argv, 255, f"host key mismatch: {exc}", self.host) from None
         except paramiko.SSHException as exc:
             if "not found in known_hosts" in str(exc) or "known_hosts" in str(exc):
                 raise CommandFailed(argv, 255, f"host key not trusted: {exc}", self.host) from None
-            self.close()
+            self._drop()
             raise ConnectionLost(argv, 255, f"ssh: {exc}", self.host) from None
         except (TimeoutError, OSError, EOFError) as exc:
-            self.close()
+            self._drop()
             raise ConnectionLost(argv, 255, f"ssh: {type(exc).__name__}: {exc}", self.host) from None
         except Exception as exc:  # invoke's CommandTimedOut and friends
             if type(exc).__name__ == "CommandTimedOut":
-                self.close()
+                self._drop()
                 raise ConnectionLost(argv, -1, f"timed out after {timeout:.0f}s", self.host) from None
             raise
         return _checked(Result(tuple(argv), res.exited, res.stdout, res.stderr), self.host, check)
@@ -153,11 +158,49 @@ class SshShell:
         return ssh_argv(self.endpoint, argv)
 
     def close(self) -> None:
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the connection (the next command opens a new one)."""
         if self._conn is not None:
             try:
                 self._conn.close()  # type: ignore[attr-defined]
             finally:
                 self._conn = None
+                self._used = False
+
+
+class KeptSshShell(SshShell):
+    """An SshShell a worker process keeps open across tasks (`kept_ssh`): `close()` leaves it open; a lost
+    connection is still dropped and the next command reconnects. Commands are serialised (one channel at a
+    time), in case a pool runs tasks in threads."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        super().__init__(endpoint)
+        self._lock = threading.Lock()
+
+    def run(self, argv: Sequence[str], check: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Result:
+        with self._lock:
+            return super().run(argv, check, timeout)
+
+    def close(self) -> None:
+        pass  # kept for the next task of this process
+
+
+_KEPT: dict[tuple[int, str], KeptSshShell] = {}
+
+
+def kept_ssh(endpoint: Endpoint) -> KeptSshShell:
+    """One SSH control connection per endpoint and worker process, reused by every task it runs.
+
+    Keyed by the process id too: a Celery prefork child starts with a copy of its parent's memory, and a
+    paramiko connection must never be shared across a fork (both would write to one socket). A child
+    therefore opens its own on first use and never touches (or closes) one it inherited."""
+    key = (os.getpid(), endpoint.model_dump_json())
+    shell = _KEPT.get(key)
+    if shell is None:
+        shell = _KEPT[key] = KeptSshShell(endpoint)
+    return shell
 
 
 def shell_for(endpoint: Endpoint | None) -> Shell:

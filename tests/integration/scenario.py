@@ -35,13 +35,15 @@ def snapshot_names(dataset: str) -> list[str]:
 
 
 def two_nodes(  # type: ignore[no-untyped-def]
-    node_factory, pool_factory, worker_factory, vms=("vm1",), keep=None, broken_target=False, **src_env: Any
+    node_factory, pool_factory, worker_factory, vms=("vm1",), keep=None, broken_target=False, worker_args=(),
+    **src_env: Any
 ):
     """A source node holding `vms` under <src pool>/vm and a target node whose copies go to <dst pool>/vm.
 
     `keep`: the endpoint's own retention policy for the target. `broken_target`: a second endpoint `broken`
     on the same node whose root is missing there, so every `zfs receive` into it fails (a Permanent error).
-    The VMs exist before the worker starts, so its first heartbeat already registers them.
+    The VMs exist before the worker starts, so its first heartbeat already registers them. `worker_args`: the
+    worker's own arguments (e.g. ["-c", "1"]).
     """
     src, dst = node_factory("src"), node_factory("dst")
     psrc, pdst = pool_factory(), pool_factory()
@@ -53,7 +55,7 @@ def two_nodes(  # type: ignore[no-untyped-def]
         targets.append(dst.endpoint(name="broken", root_map={psrc.ds(VMS_ROOT): pdst.ds("missing/vm")}, **fast))
     env = node_env(psrc, HOSTER_TARGETS=targets, HOSTER_RETRY_MAX=8, HOSTER_RETRY_BACKOFF_MAX_SECONDS=4)
     env.update(src_env)
-    worker = worker_factory(src, env)
+    worker = worker_factory(src, env, args=worker_args)
     return src, dst, psrc, pdst, worker
 
 

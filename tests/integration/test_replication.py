@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import threading
 import time
 
+import redis as redis_lib
 from celery.result import AsyncResult
 from harness import zfs as hz
-from scenario import VMS_ROOT, guids, replicate_json, snapshot_names, two_nodes
+from scenario import VMS_ROOT, guids, make_vms, node_env, replicate_json, snapshot_names, two_nodes
 
+from hoster_tasks import keys
 from hoster_tasks.zfs.ops import PARENT_PROPERTY, base_property
 
 
@@ -269,3 +272,79 @@ def test_a_lost_lock_stops_the_transfer_and_the_retry_completes(
     assert "LockLost" in log and "lock was lost during the transfer" in log and "retry: Retry in" in log
     assert guids(copy) == guids(vm)
     assert _digest(copy) == _digest(vm)
+
+
+def _links(worker, offset: int) -> list[str]:  # type: ignore[no-untyped-def]
+    text = worker.log_path.read_bytes()[offset:].decode(errors="replace")
+    return re.findall(r"Task hoster\.replication\.(step|finish)\[[0-9a-f-]+\] succeeded", text)
+
+
+def _accepted(node) -> int:  # type: ignore[no-untyped-def]
+    return node.sshd_log.read_text().count("Accepted publickey for ")
+
+
+def test_a_chain_runs_only_the_links_it_needs_over_one_kept_connection(
+    node_factory, pool_factory, worker_factory, cli
+):
+    src, dst, psrc, pdst, worker = two_nodes(node_factory, pool_factory, worker_factory, worker_args=["-c", "1"])
+    vm, copy = psrc.ds(f"{VMS_ROOT}/vm1"), pdst.ds(f"{VMS_ROOT}/vm1")
+    for _ in range(3):
+        assert cli("snapshot", "new", "vm1").returncode == 0
+    offset = worker.log_path.stat().st_size
+    assert replicate_json(cli, "vm1", dst.name)["action"] == "full"
+    assert _links(worker, offset) == ["step", "step", "finish"]  # the plan had two steps: full, then -I
+
+    hz.write_random(vm, 1)
+    assert cli("snapshot", "new", "vm1").returncode == 0
+    offset, accepted = worker.log_path.stat().st_size, _accepted(dst)
+    assert replicate_json(cli, "vm1", dst.name)["action"] == "incremental"
+    assert _links(worker, offset) == ["step", "finish"]  # before: step | step | finish, the second a no-op
+    assert guids(copy) == guids(vm)
+    time.sleep(0.3)  # sshd logs a moment after the client returns
+    # the control connection the first run opened is kept by the worker process; only the data path's
+    # `ssh ... zfs receive` connects (before: one more Fabric connection and probe per link)
+    assert _accepted(dst) - accepted == 1
+
+
+def test_replicate_all_sends_datasets_in_parallel_lanes_bounded_per_target(
+    node_factory, pool_factory, worker_factory, cli, redis_server
+):
+    src, dst = node_factory("src"), node_factory("dst")
+    psrc, pdst = pool_factory(), pool_factory()
+    names = ("vm1", "vm2", "vm3", "vm4")
+    vms = make_vms(psrc, *names)
+    for root in ("two", "one"):
+        pdst.create_dataset(root)
+    fast = {"keepalive_seconds": 1, "connect_timeout": 3}
+    targets = [dst.endpoint(name="two", root_map={psrc.ds(VMS_ROOT): pdst.ds("two")}, parallel=2, **fast),
+               dst.endpoint(name="one", root_map={psrc.ds(VMS_ROOT): pdst.ds("one")}, parallel=1, **fast)]
+    worker = worker_factory(src, node_env(psrc, HOSTER_TARGETS=targets), args=["-c", "4"])
+    for vm in vms:
+        hz.write_random(vm, 1)
+    for name in names:
+        assert cli("snapshot", "new", name).returncode == 0
+    client = redis_lib.Redis.from_url(redis_server.url)
+
+    for endpoint, bound in (("two", 2), ("one", 1)):
+        seen: list[int] = []
+        stop = threading.Event()
+
+        def watch(seen: list[int] = seen, stop: threading.Event = stop) -> None:  # locks held at once
+            while not stop.is_set():
+                seen.append(sum(client.exists(keys.dataset_lock(src.name, vm)) for vm in vms))
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:  # 1 MB each at 0.5 MB/s: every transfer lasts about two seconds
+            res = cli("vm", "replicate-all", "--endpoint", endpoint, "--speed-limit", "0.5", "--json", timeout=120)
+        finally:
+            stop.set()
+            watcher.join()
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert [r["dataset"] for r in out["results"]] == vms and {r["action"] for r in out["results"]} == {"full"}
+        assert max(seen) == bound, (endpoint, sorted(set(seen)))  # before: one dataset after another
+        for vm in vms:
+            assert guids(pdst.ds(f"{endpoint}/{vm.rsplit('/', 1)[1]}")) == guids(vm)
+    assert not list((worker.log_path.parent / "errors").glob("ERROR_*"))

@@ -68,3 +68,33 @@ def test_unknown_host_key_is_refused(node_factory, tmp_path: Path) -> None:
 
     proc = node.exec(ssh_argv(Endpoint(**node.endpoint(known_hosts=str(empty))), ["true"]), check=False)
     assert proc.returncode == 255 and "Host key verification failed" in proc.stderr
+
+
+def _accepted(node) -> int:  # type: ignore[no-untyped-def]
+    return node.sshd_log.read_text().count("Accepted publickey for ")
+
+
+def test_a_kept_connection_serves_every_task_of_a_process_and_reopens_after_a_cut(node_factory) -> None:
+    """One SSH connection per endpoint and worker process (kept_ssh): a task's close() leaves it open for the
+    next task; a connection cut while idle is reopened by the next command, which runs once."""
+    from harness.proc import wait_until
+
+    from hoster_tasks.zfs.shell import kept_ssh
+
+    node = node_factory("kept")
+    endpoint = Endpoint(**node.endpoint())
+    shell = kept_ssh(endpoint)
+    try:
+        assert kept_ssh(Endpoint(**node.endpoint())) is shell  # the same settings: the same connection
+        before = _accepted(node)
+        for _ in range(3):
+            assert shell.run(["true"]).exit_code == 0
+            shell.close()  # what every task does at its end
+        wait_until(lambda: _accepted(node) - before >= 1, 5, "sshd to log the connection")
+        assert _accepted(node) - before == 1
+        shell._conn.client.get_transport().close()  # type: ignore[union-attr]  # cut while idle
+        assert shell.run(["echo", "back"]).stdout == "back\n"
+        wait_until(lambda: _accepted(node) - before >= 2, 5, "sshd to log the new connection")
+        assert _accepted(node) - before == 2
+    finally:
+        shell._drop()

@@ -169,6 +169,9 @@ bad_progress = (st.text(max_size=10) | st.integers() | st.lists(_word, max_size=
 bad_slot = (st.booleans() | st.text(max_size=10) | st.floats() | st.integers(max_value=946_684_799)
             | st.integers(946_684_800, 4_102_444_800).filter(lambda n: n % 60 != 0))
 bad_diverged = bad_name | st.sampled_from(["Discard", "rollback", "force"])
+bad_job = (st.text(max_size=10) | st.integers() | st.lists(_word, max_size=2) | bad_token.map(lambda t: {"id": t})
+           | st.builds(lambda v: {"id": "j1", "vms": v}, bad_vms) | st.just({"id": "j1", "script_name": "a;b"})
+           | st.builds(lambda k: {"id": "j1", k: 1}, _word.filter(lambda w: w not in ("id", "fanout"))))
 bad_flag = st.integers() | st.text(max_size=5) | st.none() | st.lists(st.booleans(), max_size=2)  # not a bool
 _json = st.none() | st.booleans() | st.integers(-100, 100) | st.text(max_size=10) | st.lists(st.integers(), max_size=2)
 
@@ -218,16 +221,26 @@ SPECS = {
     # the links of a replicate chain: sent by `replicate`, but any client of the broker can send them too
     "step": Spec("hoster.replication.step",
                  {"prev": None, "dataset": "pool/vm/vm1", "endpoint": ENDPOINT, "speed_limit": None, "chain": "c1",
-                  "report_to": None, "diverged": None},
+                  "report_to": None, "diverged": None, "job": None},
                  {"prev": bad_progress, "dataset": bad_required_name, "endpoint": bad_required_name | unconfigured,
                   "speed_limit": bad_speed, "chain": bad_token | st.none(), "report_to": bad_token,
-                  "diverged": bad_diverged}),
+                  "diverged": bad_diverged, "job": bad_job}),
     "finish": Spec("hoster.replication.finish",
                    {"acc": {"sent": [], "bytes": 0, "seconds": 0.0}, "dataset": "pool/vm/vm1", "endpoint": ENDPOINT,
-                    "chain": "c1", "report_to": None},
+                    "chain": "c1", "report_to": None, "job": None},
                    {"acc": bad_progress | st.none(), "dataset": bad_required_name,
                     "endpoint": bad_required_name | unconfigured, "chain": bad_token | st.none(),
-                    "report_to": bad_token}),
+                    "report_to": bad_token, "job": bad_job}),
+    # the chord callback of a replicate-all job
+    "replicate_all_done": Spec("hoster.replication.replicate_all_done",
+                               {"parts": [None], "endpoint": ENDPOINT, "job": {"id": "j1"},
+                                "datasets": ["pool/vm/vm1"], "work": ["pool/vm/vm1"], "skipped": None,
+                                "superseded": None},
+                               {"parts": st.integers() | st.lists(st.integers(), min_size=1, max_size=2),
+                                "endpoint": bad_required_name | unconfigured, "job": bad_job | st.none(),
+                                "datasets": bad_only | st.none(), "work": bad_only | st.none(),
+                                "skipped": st.integers() | st.just(["x" * 70_000]),
+                                "superseded": st.integers() | st.booleans()}),
     "chain_failed": Spec("hoster.replication.chain_failed",
                          {"task_id": "t1", "dataset": "pool/vm/vm1", "endpoint": ENDPOINT},
                          {"task_id": bad_token | st.none(), "dataset": bad_required_name,
