@@ -41,13 +41,28 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+
+def _bench_module(name: str) -> Any:
+    """A sibling bench script as a module, by path (the bench folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 from harness import PoolFactory, RedisServer, Worker, WorkerFactory, ZfsFuse  # noqa: E402
 from harness.netns import RUN_DIR  # noqa: E402
 from harness.proc import HarnessError, ensure_sbin_on_path, make_private_dir, run  # noqa: E402
 from harness.zfs import sweep_stale_pools, sweep_stale_state_dirs  # noqa: E402
-from replication import _TASK_DONE, Report, machine_info, say  # noqa: E402  (bench/replication.py)
+
+_replication = _bench_module("replication")  # bench/replication.py: its report table, machine info, log lines
+_TASK_DONE, Report, machine_info, say = (_replication._TASK_DONE, _replication.Report, _replication.machine_info,
+                                         _replication.say)  # fmt: skip
 
 TOOLS = ("floor", "hoster-tasks", "sanoid")
 LONG = 3600.0
