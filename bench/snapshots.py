@@ -11,7 +11,7 @@ VM and pruning one:
 - floor     the fewest ZFS commands this host's ZFS allows for the same result: one atomic multi-name
             `zfs snapshot` where the ZFS takes several names (OpenZFS), else `zfs snapshot -r root@s` (the VM
             set is exactly the root's children) followed by `zfs destroy root@s` (the root is not a VM); then
-            the oldest snapshot of every VM destroyed, one call per dataset, 4 in parallel;
+            the oldest snapshot of every VM destroyed, one call per dataset, 8 in parallel;
 - hoster-tasks   `hoster-tasks snapshot all --stype hourly --keep K` (CLI wall time; the worker's take_all
             duration from its log);
 - sanoid    `sanoid --cron` (hourly = K, recursive, process_children_only), with its clock advanced an hour
@@ -66,7 +66,7 @@ _TASK_DONE, Report, machine_info, say = (_replication._TASK_DONE, _replication.R
 
 TOOLS = ("floor", "hoster-tasks", "sanoid")
 LONG = 3600.0
-FLOOR_PARALLEL = 4
+FLOOR_PARALLEL = 8  # as many as hoster-tasks runs (snapshots.PRUNE_PARALLEL): 8 beat 4 on zfs-fuse here
 SANOID_CONF = """\
 [template_bench]
   frequently = 0
