@@ -222,6 +222,43 @@ def leave_takers(client: redis.Redis, node: str, dataset: str, member: str) -> N
     client.zrem(keys.snapshot_takers(node, dataset), member)
 
 
+# join_takers for many datasets in one round trip: KEYS n snapshot locks, then their n taker sets.
+_JOIN_MANY = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    out[i] = 0
+  else
+    redis.call('ZADD', KEYS[n + i], now + tonumber(ARGV[2]), ARGV[1])
+    redis.call('PEXPIRE', KEYS[n + i], ARGV[2])
+    out[i] = 1
+  end
+end
+return out
+"""
+
+
+def join_takers_many(client: redis.Redis, node: str, datasets: list[str], lease: float) -> tuple[str, list[str]]:
+    """Register one snapshot job on each of `datasets` at once (as join_takers does for one), except where a
+    rollback holds it. Returns the job's member and the datasets joined."""
+    member = _nonce()
+    if not datasets:
+        return member, []
+    joined = client.eval(_JOIN_MANY, 2 * len(datasets), *[keys.snapshot_lock(node, ds) for ds in datasets],
+                         *[keys.snapshot_takers(node, ds) for ds in datasets], member, max(int(lease * 1000), 1))
+    return member, [ds for ds, ok in zip(datasets, joined, strict=True) if int(ok)]  # type: ignore[arg-type]
+
+
+def leave_takers_many(client: redis.Redis, node: str, datasets: list[str], member: str) -> None:
+    pipe = client.pipeline(transaction=False)
+    for ds in datasets:
+        pipe.zrem(keys.snapshot_takers(node, ds), member)
+    pipe.execute()
+
+
 def wait_for_takers(client: redis.Redis, node: str, dataset: str, wait: float) -> None:
     """Under the rollback's exclusive key: wait until no snapshot job is taking a snapshot of `dataset`."""
     deadline = time.monotonic() + wait

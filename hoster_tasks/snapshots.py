@@ -19,7 +19,7 @@ import redis
 
 from hoster_tasks import keys
 from hoster_tasks.errors import Busy, InvalidName, Permanent, SnapshotExists
-from hoster_tasks.locks import DatasetLock, LockGroup, LockSpec, join_takers, leave_takers
+from hoster_tasks.locks import DatasetLock, LockGroup, LockSpec, join_takers_many, leave_takers_many
 from hoster_tasks.names import make_snapshot_name, validate_snapshot, validate_stype
 from hoster_tasks.policy.retention import check_keep, plan_retention
 from hoster_tasks.settings import Settings
@@ -78,18 +78,18 @@ def _lock_free(
 
 
 def _join_takers(ctx: NodeContext, stack: ExitStack, datasets: Sequence[str]) -> list[str]:
-    """The datasets no rollback holds, registered as being snapshotted until `stack` closes (locks.py)."""
+    """The datasets no rollback holds, registered as being snapshotted until `stack` closes (locks.py), all
+    in one round trip; those a rollback holds are tried again every 0.1 s up to lock_attempt_seconds."""
     node, lease = ctx.settings.node_name, ctx.settings.lock_lease_seconds
     deadline = time.monotonic() + ctx.settings.lock_attempt_seconds
     free: list[str] = []
     pending = list(datasets)
     while pending:
-        for ds in list(pending):
-            member = join_takers(ctx.redis, node, ds, lease)
-            if member is not None:
-                stack.callback(leave_takers, ctx.redis, node, ds, member)
-                free.append(ds)
-                pending.remove(ds)
+        member, joined = join_takers_many(ctx.redis, node, pending, lease)
+        if joined:
+            stack.callback(leave_takers_many, ctx.redis, node, joined, member)
+            free += joined
+            pending = [ds for ds in pending if ds not in set(joined)]
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(0.1)

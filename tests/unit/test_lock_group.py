@@ -56,3 +56,17 @@ def test_the_heartbeat_renews_every_lock_of_the_group(client: redis.Redis) -> No
         for lock in held.values():
             lock.check()
         assert all(client.pttl(keys.dataset_lock(NODE, ds)) > 0 for ds in DS)
+
+
+def test_snapshot_takers_join_many_at_once_except_where_a_rollback_holds(client: redis.Redis) -> None:
+    from hoster_tasks.locks import join_takers_many, leave_takers_many, wait_for_takers
+
+    with DatasetLock(client, LockSpec(NODE, DS[2], lease=30, wait=0, kind="snapshot")):  # a rollback of DS[2]
+        member, joined = join_takers_many(client, NODE, DS, lease=30)
+    assert joined == [DS[0], DS[1], DS[3]]
+    with pytest.raises(Busy):  # a rollback of a joined dataset waits for the job
+        wait_for_takers(client, NODE, DS[0], wait=0.2)
+    wait_for_takers(client, NODE, DS[2], wait=0.2)  # the one it did not join
+    leave_takers_many(client, NODE, joined, member)
+    for ds in DS:
+        wait_for_takers(client, NODE, ds, wait=0.2)
