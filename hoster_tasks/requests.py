@@ -123,7 +123,9 @@ DatasetList = Annotated[list[DatasetName], Field(max_length=MAX_ITEMS)]
 class TaskRequest(BaseModel):
     """Base of the request models. `task_name` is the task's public name, used in every message."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+    # defer_build: a model's validator is built when it is first used, so a CLI command pays for its own
+    # request only, not for every task's (about 50 ms of the CLI's start here)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
 
     task_name: ClassVar[str] = ""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,13 +18,13 @@ from typing import Any
 import redis
 
 from hoster_tasks import keys
-from hoster_tasks.errors import Busy, DatasetBusy, InvalidName, Permanent, SnapshotExists, SnapshotHeld
-from hoster_tasks.locks import DatasetLock, LockSpec, join_takers, leave_takers
+from hoster_tasks.errors import Busy, InvalidName, Permanent, SnapshotExists
+from hoster_tasks.locks import DatasetLock, LockGroup, LockSpec, join_takers_many, leave_takers_many
 from hoster_tasks.names import make_snapshot_name, validate_snapshot, validate_stype
 from hoster_tasks.policy.retention import check_keep, plan_retention
 from hoster_tasks.settings import Settings
 from hoster_tasks.zfs import ops
-from hoster_tasks.zfs.parse import Snapshot
+from hoster_tasks.zfs.parse import Snapshot, snapshots_from_get
 from hoster_tasks.zfs.probe import Capabilities
 from hoster_tasks.zfs.shell import Shell
 
@@ -70,34 +71,32 @@ NAME_ATTEMPTS = 5  # same-second snapshots of concurrent jobs: the next free nam
 def _lock_free(
     ctx: NodeContext, stack: ExitStack, datasets: Sequence[str], kind: str = "dataset", wait: float = PRUNE_LOCK_WAIT
 ) -> dict[str, DatasetLock]:
-    """Lock whichever of the datasets are free within `wait` (sorted order); the busy ones are left out."""
-    deadline = time.monotonic() + wait
-    locks = {}
-    for ds in sorted(datasets):
-        try:
-            locks[ds] = stack.enter_context(ctx.lock(ds, wait=max(deadline - time.monotonic(), 0.05), kind=kind))
-        except Busy:
-            continue
-    return locks
+    """Lock whichever of the datasets are free within `wait`; the busy ones are left out. All in one group:
+    one round trip to take them, one heartbeat for all, one to release them (locks.LockGroup)."""
+    group = stack.enter_context(LockGroup(ctx.redis, ctx.settings.node_name, ctx.settings.lock_lease_seconds, kind))
+    return group.take(sorted(datasets), wait)
 
 
 def _join_takers(ctx: NodeContext, stack: ExitStack, datasets: Sequence[str]) -> list[str]:
-    """The datasets no rollback holds, registered as being snapshotted until `stack` closes (locks.py)."""
+    """The datasets no rollback holds, registered as being snapshotted until `stack` closes (locks.py), all
+    in one round trip; those a rollback holds are tried again every 0.1 s up to lock_attempt_seconds."""
     node, lease = ctx.settings.node_name, ctx.settings.lock_lease_seconds
     deadline = time.monotonic() + ctx.settings.lock_attempt_seconds
     free: list[str] = []
     pending = list(datasets)
     while pending:
-        for ds in list(pending):
-            member = join_takers(ctx.redis, node, ds, lease)
-            if member is not None:
-                stack.callback(leave_takers, ctx.redis, node, ds, member)
-                free.append(ds)
-                pending.remove(ds)
+        member, joined = join_takers_many(ctx.redis, node, pending, lease)
+        if joined:
+            stack.callback(leave_takers_many, ctx.redis, node, joined, member)
+            free += joined
+            pending = [ds for ds in pending if ds not in set(joined)]
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
     return free
+
+
+PRUNE_PARALLEL = 8  # datasets pruned at once: separate `zfs destroy` calls run in parallel on both ZFSes
 
 
 def prune(
@@ -105,51 +104,112 @@ def prune(
     locks: dict[str, DatasetLock],
 ) -> tuple[list[str], list[str]]:
     """Destroy the excess of `stype` per dataset, each destroy under that dataset's lock (checked first);
-    held/cloned ones that zfs refuses are spared, not fatal."""
-    destroyed: list[str] = []
+    held/cloned ones that zfs refuses are spared, not fatal. One call per dataset where the ZFS takes a list
+    (`destroy ds@a,b`), one per snapshot where not; up to PRUNE_PARALLEL datasets at once."""
     spared: list[str] = []
+    work: list[tuple[str, list[str]]] = []
     for ds, dataset_snaps in snaps.items():
         plan = plan_retention(dataset_snaps, stype, keep, bases.get(ds, frozenset()))
         spared += [f"{s.full} ({why})" for s, why in plan.spared]
-        for snap in plan.destroy:
-            locks[ds].check()
-            try:
-                ops.destroy_snapshot(ctx.shell, snap.full, ctx.zfs)
-                destroyed.append(snap.full)
-            except (SnapshotHeld, DatasetBusy) as exc:
-                spared.append(f"{snap.full} ({exc.stderr})")
-    return destroyed, spared
+        if plan.destroy:
+            work.append((ds, [s.full for s in plan.destroy]))
+
+    def one(item: tuple[str, list[str]]) -> tuple[list[str], list[str]]:
+        ds, fulls = item
+        return ops.destroy_snapshots(ctx.shell, fulls, ctx.caps, ctx.zfs, check=locks[ds].check)
+
+    if len(work) > 1:
+        with ThreadPoolExecutor(min(PRUNE_PARALLEL, len(work)), thread_name_prefix="prune") as pool:
+            results = list(pool.map(one, work))
+    else:
+        results = [one(item) for item in work]
+    destroyed = [full for d, _ in results for full in d]
+    return destroyed, spared + [why for _, s in results for why in s]
 
 
-def _snapshot_slot(ctx: NodeContext, datasets: Sequence[str], stype: str, slot: int) -> list[str]:
+@dataclass(frozen=True)
+class Listing:
+    """What one batched `zfs get -r` before a snapshot job says: each dataset's snapshots and replication
+    bases, and (where listed by root) every filesystem under each VM root."""
+
+    snaps: dict[str, list[Snapshot]]
+    bases: dict[str, frozenset[int]]
+    under: dict[str, set[str]]
+
+
+def _root_of(ds: str) -> str:
+    return ds.rsplit("/", 1)[0]
+
+
+# What retention reads of a snapshot (order, identity, holds): half the listing of every property `list` shows.
+RETENTION_PROPS = ("guid", "createtxg", "userrefs")
+
+
+def list_for_take(ctx: NodeContext, datasets: Sequence[str]) -> Listing:
+    """Snapshots and bases of `datasets` in one call. Where `zfs snapshot -r` may be the atomic snapshot
+    (no multi-name snapshot, several datasets) the VM roots are listed whole, to see what else lives there."""
+    base_props = tuple(p for t in ctx.settings.targets for p in (ops.base_property(t.name),
+                                                                  ops.sending_property(t.name)))
+    clones = ("clones",) if ctx.caps.clones_property else ()
+    by_root = not ctx.caps.multi_snapshot and len(datasets) > 1
+    roots = sorted({_root_of(ds) for ds in datasets}) if by_root else []
+    found = ops.get_properties(ctx.shell, roots or datasets, RETENTION_PROPS + clones + base_props,
+                               recursive=True, zfs=ctx.zfs)
+    snaps = snapshots_from_get(found)
+    bases = {ds: frozenset(int(v) for k, v in found.get(ds, {}).items() if k in base_props and v.isdigit())
+             for ds in datasets}
+    under = {r: {n for n in found if "@" not in n and n.startswith(r + "/")} for r in roots}
+    return Listing({ds: snaps.get(ds, []) for ds in datasets}, bases, under)
+
+
+def _take_atomic(ctx: NodeContext, datasets: Sequence[str], short: str, listing: Listing) -> list[str]:
+    """One multi-name call where the host has it; else `zfs snapshot -r` for each root whose descendants are
+    exactly the datasets asked for (never a dataset the caller did not name: a backup copy, a VM being
+    rolled back or a VM's own child rules it out), and one call per dataset for the rest."""
+    if ctx.caps.multi_snapshot or len(datasets) < 2:
+        return ops.take_snapshots(ctx.shell, datasets, short, ctx.caps, ctx.zfs)
+    groups: dict[str, list[str]] = {}
+    for ds in datasets:
+        groups.setdefault(_root_of(ds), []).append(ds)
+    taken: list[str] = []
+    rest: list[str] = []
+    for root, members in groups.items():
+        if len(members) > 1 and listing.under.get(root) == set(members):
+            taken += ops.take_recursive(ctx.shell, root, members, short, ctx.zfs)
+        else:
+            rest += members
+    return taken + (ops.take_snapshots(ctx.shell, rest, short, ctx.caps, ctx.zfs) if rest else [])
+
+
+def _snapshot_slot(ctx: NodeContext, datasets: Sequence[str], stype: str, slot: int, listing: Listing) -> list[str]:
     """At most one snapshot per (dataset, type, beat slot), however many fan-outs of the slot arrive: it is
     named after the slot's tick, so ZFS itself refuses a second one. No Redis marker: ZFS is the record,
     it cannot outlive a failed snapshot, and it survives a Redis failover. Returns what this call took."""
     short = make_snapshot_name(stype, datetime.fromtimestamp(slot, UTC))
+    listed = listing.snaps
     for attempt in range(NAME_ATTEMPTS):
-        listed = ops.list_snapshots(ctx.shell, datasets, ctx.caps, ctx.zfs)
         todo = [ds for ds in datasets if all(s.name != short for s in listed.get(ds, []))]
         if not todo:
             return []
         try:
-            return ops.take_snapshots(ctx.shell, todo, short, ctx.caps, ctx.zfs)
+            return _take_atomic(ctx, todo, short, listing)
         except SnapshotExists:  # a concurrent job of the same slot took some: snapshot the rest
             if attempt == NAME_ATTEMPTS - 1:
                 raise
+            listed = ops.list_snapshots(ctx.shell, datasets, ctx.caps, ctx.zfs)
     return []
 
 
 def _snapshot_now(
-    ctx: NodeContext, datasets: Sequence[str], stype: str, now: datetime, slot: int | None = None
+    ctx: NodeContext, datasets: Sequence[str], stype: str, now: datetime, listing: Listing, slot: int | None = None
 ) -> list[str]:
     if slot is not None:
-        return _snapshot_slot(ctx, datasets, stype, slot)
-    existing = {s.name for snaps in ops.list_snapshots(ctx.shell, datasets, ctx.caps, ctx.zfs).values()
-                for s in snaps}
+        return _snapshot_slot(ctx, datasets, stype, slot, listing)
+    existing = {s.name for snaps in listing.snaps.values() for s in snaps}
     for attempt in range(NAME_ATTEMPTS):
         short = make_snapshot_name(stype, now, existing)
         try:
-            return ops.take_snapshots(ctx.shell, datasets, short, ctx.caps, ctx.zfs)
+            return _take_atomic(ctx, datasets, short, listing)
         except SnapshotExists:  # another job took this name in the same second
             if attempt == NAME_ATTEMPTS - 1:
                 raise
@@ -157,32 +217,47 @@ def _snapshot_now(
     return []
 
 
+def _with_taken(snaps: dict[str, list[Snapshot]], taken: Sequence[str]) -> dict[str, list[Snapshot]]:
+    """The listing made before the snapshot, with what this job took added as each dataset's newest."""
+    out = {ds: list(v) for ds, v in snaps.items()}
+    for full in taken:
+        ds, name = full.split("@", 1)
+        if ds in out:
+            newest = max((s.createtxg for s in out[ds]), default=0)
+            out[ds].append(Snapshot(dataset=ds, name=name, guid=0, createtxg=newest + 1))
+    return out
+
+
 def take(
     ctx: NodeContext, datasets: Sequence[str], stype: str, keep: int | None, now: datetime,
     slot: int | None = None,
 ) -> dict[str, Any]:
     """Snapshot the datasets at once (atomically where the host can), then apply retention for `stype`
-    where the dataset is free; a replicating dataset's pruning is deferred (reported in `deferred`)."""
+    where the dataset is free; a replicating dataset's pruning is deferred (reported in `deferred`).
+
+    One listing serves both: it is made after the free datasets' locks are taken (so the bases and holds it
+    shows cannot change before the prune, which only a lock holder changes), and what this job took is
+    added to it as each dataset's newest snapshot, which retention keeps (keep >= 1). A snapshot taken by a
+    concurrent job without `keep` is then not seen: it is pruned by a later run, never instead of another."""
     validate_stype(stype)
     if keep is not None:
         check_keep(keep)
-    with ExitStack() as stack:  # snapshot jobs exclude only a rollback, never each other
-        free = _join_takers(ctx, stack, datasets)
-        taken = _snapshot_now(ctx, sorted(free), stype, now, slot) if free else []
-    record_snapshots(ctx, taken, now)
-    rolling_back = [ds for ds in datasets if ds not in free]
     destroyed: list[str] = []
     spared: list[str] = []
     deferred: list[str] = []
-    if keep is not None and datasets:
-        with ExitStack() as stack:
-            locks = _lock_free(ctx, stack, sorted(free))
-            deferred = [ds for ds in sorted(free) if ds not in locks]
+    with ExitStack() as stack:  # snapshot jobs exclude only a rollback, never each other
+        free = sorted(_join_takers(ctx, stack, datasets))
+        locks = _lock_free(ctx, stack, free) if keep is not None else {}
+        listing = list_for_take(ctx, free) if free else Listing({}, {}, {})
+        taken = _snapshot_now(ctx, free, stype, now, listing, slot) if free else []
+        record_snapshots(ctx, taken, now)
+        if keep is not None:
+            deferred = [ds for ds in free if ds not in locks]
             defer_prune(ctx, deferred, stype, keep)
             if locks:
-                now_free = sorted(locks)
-                after = ops.list_snapshots(ctx.shell, now_free, ctx.caps, ctx.zfs)
-                destroyed, spared = prune(ctx, after, stype, keep, replication_bases(ctx, now_free), locks)
+                after = _with_taken({ds: listing.snaps[ds] for ds in sorted(locks)}, taken)
+                destroyed, spared = prune(ctx, after, stype, keep, listing.bases, locks)
+    rolling_back = [ds for ds in datasets if ds not in free]
     if rolling_back:  # the task retries these alone, up to lock_wait_seconds
         raise Busy(f"busy: a rollback holds {', '.join(rolling_back)}", rolling_back, taken)
     return {"taken": taken, "destroyed": destroyed, "spared": spared, "deferred": deferred}

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hoster_tasks.settings import Settings
+if TYPE_CHECKING:  # the settings (pydantic) are loaded when a command runs, not for --help
+    from hoster_tasks.settings import Settings
 
 EXIT_ERROR = 1
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from hoster_tasks.cli import fleet
 from hoster_tasks.names import SNAPSHOT_TYPES
-from hoster_tasks.requests import keep_value, speed_limit_value
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -36,8 +35,20 @@ def _number(parse: Callable[[str], Any], check: Callable[[Any], Any], what: str)
     return convert
 
 
-_keep = _number(int, keep_value, "an integer")
-_speed_limit = _number(float, speed_limit_value, "a number of MB/s")
+def _keep_value(keep: int) -> int:  # the request models' own checks, imported when a value is given
+    from hoster_tasks.requests import keep_value
+
+    return keep_value(keep)
+
+
+def _speed_limit_value(mb_per_s: float) -> float:
+    from hoster_tasks.requests import speed_limit_value
+
+    return speed_limit_value(mb_per_s)
+
+
+_keep = _number(int, _keep_value, "an integer")
+_speed_limit = _number(float, _speed_limit_value, "a number of MB/s")
 
 
 def _add_wait(p: argparse.ArgumentParser) -> None:

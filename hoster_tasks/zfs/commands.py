@@ -45,6 +45,14 @@ def snapshot(datasets: Sequence[str], short: str, zfs: str = ZFS) -> list[list[s
     return calls
 
 
+def snapshot_recursive(root: str, short: str, zfs: str = ZFS) -> list[str]:
+    """`zfs snapshot -r root@s`: the root and every dataset under it, atomically (one txg). The only atomic
+    multi-dataset snapshot zfs-fuse has; the caller uses it only where the root's descendants are exactly
+    the datasets asked for, and destroys the root's own snapshot at once (`destroy_snapshot`)."""
+    validate_snapshot_name(short)
+    return [zfs, "snapshot", "-r", f"{validate_dataset(root)}@{short}"]
+
+
 def destroy_snapshot(full: str, zfs: str = ZFS) -> list[str]:
     validate_snapshot(full)
     return [zfs, "destroy", full]
@@ -88,6 +96,14 @@ def get_props(datasets: Iterable[str], props: Sequence[str], recursive: bool = T
         _check_property(prop)
     flags = ["-Hp", "-r"] if recursive else ["-Hp"]
     return [zfs, "get", *flags, "-o", "name,property,value", ",".join(props), *names]
+
+
+def get_snapshot_props(snapshots: Iterable[str], props: Sequence[str], zfs: str = ZFS) -> list[str]:
+    """`zfs get -Hp` of the named snapshots only (a name that does not exist is reported on stderr)."""
+    names = [s for s in snapshots if validate_snapshot(s)]
+    if not props:
+        raise ValueError("no properties asked for")
+    return [zfs, "get", "-Hp", "-o", "name,property,value", ",".join(_check_property(p) for p in props), *names]
 
 
 def list_children(roots: Iterable[str], zfs: str = ZFS) -> list[str]:

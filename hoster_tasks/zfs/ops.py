@@ -93,6 +93,33 @@ def take_snapshots(
     return [f"{ds}@{short}" for ds in datasets]
 
 
+def descendants(shell: Shell, root: str, zfs: str = cmd.ZFS) -> set[str]:
+    """Every filesystem under `root` (not the root itself), at any depth."""
+    return {n for n in parse_names(shell.run(cmd.list_children([root], zfs)).stdout) if n != root and "@" not in n}
+
+
+def take_recursive(shell: Shell, root: str, expected: Sequence[str], short: str, zfs: str = cmd.ZFS) -> list[str]:
+    """`zfs snapshot -r root@short` where the caller saw exactly `expected` under `root`, then the root's own
+    snapshot destroyed (the root is not a VM). A dataset that appeared under the root in between is not
+    left with a snapshot nobody asked for: its snapshot of this very call (same createtxg as the root's)
+    is destroyed too. Returns the snapshots taken of `expected` (one removed in between is not among them)."""
+    root_snap = f"{root}@{short}"
+    shell.run(cmd.snapshot_recursive(root, short, zfs))
+    try:
+        now = descendants(shell, root, zfs)
+        strays = sorted(now - set(expected))
+        if strays:
+            argv = cmd.get_snapshot_props([root_snap, *(f"{ds}@{short}" for ds in strays)], ["createtxg"], zfs)
+            txgs = parse_get(shell.run(argv, check=False).stdout)
+            ours = txgs.get(root_snap, {}).get("createtxg")
+            for ds in strays:
+                if ours is not None and txgs.get(f"{ds}@{short}", {}).get("createtxg") == ours:
+                    shell.run(cmd.destroy_snapshot(f"{ds}@{short}", zfs))
+    finally:
+        shell.run(cmd.destroy_snapshot(root_snap, zfs))
+    return [f"{ds}@{short}" for ds in expected if ds in now]
+
+
 def destroy_snapshot(shell: Shell, full: str, zfs: str = cmd.ZFS) -> None:
     shell.run(cmd.destroy_snapshot(full, zfs))
 

@@ -182,3 +182,34 @@ def test_snapshot_all_waits_for_a_rollback_without_snapshotting_the_others_twice
     assert res.returncode == 0, res.stderr
     # one worker slot: the wait happened as retries, not by blocking the slot; each VM got exactly one
     assert [len(snapshot_names(ds)) for ds in (a, b, c)] == [1, 1, 1]
+
+
+def test_snapshot_all_on_zfs_fuse_is_one_atomic_recursive_snapshot_of_exactly_the_vms(
+    pool_factory, worker_factory, cli
+):
+    """zfs-fuse has no multi-name snapshot: where the VM root holds exactly the node's VMs, `snapshot all`
+    takes them with one `zfs snapshot -r` (one txg: the same createtxg on every VM), and the root keeps no
+    snapshot. Once the root also holds a backup copy of another node's VM, the copy is never snapshotted
+    (one call per VM then), and retention still prunes only what it should."""
+    from hoster_tasks.zfs.ops import PARENT_PROPERTY
+
+    pool = pool_factory()
+    vms = make_vms(pool, "a", "b", "c", "d")
+    root = pool.ds("vm")
+    worker_factory("n1", node_env(pool))
+
+    for _ in range(3):
+        res = cli("snapshot", "all", "--stype", "hourly", "--keep", "2")
+        assert res.returncode == 0, res.stderr
+    assert hz.snapshots(root) == []
+    txgs = {s.createtxg for ds in vms for s in hz.snapshots(ds)[-1:]}
+    assert len(txgs) == 1, txgs  # one atomic call
+    assert all(len(snapshot_names(ds)) == 2 for ds in vms)
+
+    copy = pool.create_dataset("vm/copy", {PARENT_PROPERTY: "other-node"})
+    res = cli("snapshot", "all", "--stype", "hourly", "--keep", "2")
+    assert res.returncode == 0, res.stderr
+    assert hz.snapshots(copy) == [] and hz.snapshots(root) == []
+    assert all(len(snapshot_names(ds)) == 2 for ds in vms)
+    newest = {hz.snapshots(ds)[-1].createtxg for ds in vms}
+    assert len(newest) == len(vms)  # one call per VM: the copy rules `-r` out

@@ -116,6 +116,24 @@ def test_snapshot_refuses_hostile_name(bad: str) -> None:
 # -- destroy, get, list --------------------------------------------------------------------------------
 
 
+def test_snapshot_recursive() -> None:
+    assert cmd.snapshot_recursive("zroot/vm-encrypted", "hourly_2024-01-01_00-33-00") == [
+        "zfs", "snapshot", "-r", "zroot/vm-encrypted@hourly_2024-01-01_00-33-00"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("root", "short"), [("-r", "x"), ("zroot/vm@a", "x"), ("zroot/vm", "a b"), ("zroot/vm", "-x")])
+def test_snapshot_recursive_refuses(root: str, short: str) -> None:
+    with pytest.raises(InvalidName):
+        cmd.snapshot_recursive(root, short)
+
+
+def test_get_snapshot_props() -> None:
+    assert cmd.get_snapshot_props(["tank/a@s", "tank/b@s"], ["createtxg"]) == [
+        "zfs", "get", "-Hp", "-o", "name,property,value", "createtxg", "tank/a@s", "tank/b@s"]  # fmt: skip
+    with pytest.raises(InvalidName):
+        cmd.get_snapshot_props(["tank/a"], ["createtxg"])  # a dataset, not a snapshot
+
+
 def test_destroy_snapshot() -> None:
     assert cmd.destroy_snapshot(SNAP) == ["zfs", "destroy", SNAP]
 
