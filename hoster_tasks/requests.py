@@ -240,12 +240,12 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_PROBLEM_CHARS else text[: MAX_PROBLEM_CHARS - 3] + "..."
 
 
-def _configured_endpoint(request: TaskRequest, endpoint: str, settings: Settings) -> None:
-    """The endpoint must be one of this worker's own targets (by name or host)."""
+def _configured_endpoint(request: TaskRequest, endpoint: str, settings: Settings, field: str = "endpoint") -> None:
+    """The endpoint must be one of this worker's own targets (by name or host); an error names `field`."""
     try:
         settings.endpoint(endpoint)
     except ConfigError as exc:
-        raise request.invalid([("endpoint", f"endpoint: {exc}")]) from None
+        raise request.invalid([(field, f"{field}: {exc}")]) from None
 
 
 # --- one model per public task ----------------------------------------------------------------------------
@@ -484,7 +484,7 @@ class MoveRequest(TaskRequest):
     start: bool = True
 
     def check_settings(self, settings: Settings) -> None:
-        _configured_endpoint(self, self.to, settings)
+        _configured_endpoint(self, self.to, settings, field="to")
 
 
 class CiresetRequest(TaskRequest):

@@ -240,6 +240,10 @@ def test_the_endpoint_must_be_one_of_this_workers_targets(clean_env: None) -> No
             model.from_call((), {**_valid(model), "endpoint": "elsewhere"}).check_settings(s)
         assert_clear(info.value, "endpoint")
         assert "unknown endpoint 'elsewhere' (known: backup1)" in str(info.value)
+    # vm move names its target `to`: the error names that field (found by the boundary test's hypothesis)
+    with pytest.raises(InvalidRequest) as info:
+        MoveRequest.of(vm="vm1", to="elsewhere").check_settings(s)
+    assert_clear(info.value, "to")
 
 
 # -- the models match the tasks -----------------------------------------------------------------------------
