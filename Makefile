@@ -4,7 +4,7 @@ PYTHON ?= python
 .PHONY: test lint demo bench
 
 test:
-	bash scripts/bootstrap.sh --with-openzfs-guest
+	bash scripts/bootstrap.sh
 	$(PYTHON) -m pytest -q
 
 # CI (.ci/run) runs it after installing and before the tests: the tree must pass it.

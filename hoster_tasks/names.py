@@ -63,28 +63,26 @@ def validate_snapshot_name(short: str) -> str:
     return short
 
 
-def validate_snapshot(full: str) -> tuple[str, str]:
-    """'pool/ds@snap' -> ('pool/ds', 'snap')."""
-    if not isinstance(full, str) or full.count("@") != 1:
-        raise InvalidName(f"invalid snapshot {full!r}: expected dataset@name")
-    dataset, short = full.split("@")
+def _split_object(full: str, sep: str, what: str) -> tuple[str, str]:
+    """'pool/ds<sep>name' -> ('pool/ds', 'name'), each part validated (a snapshot '@', a bookmark '#')."""
+    if not isinstance(full, str) or full.count(sep) != 1:
+        raise InvalidName(f"invalid {what} {full!r}: expected dataset{sep}name")
+    dataset, short = full.split(sep)
     validate_dataset(dataset)
     validate_snapshot_name(short)
     if len(full) > MAX_NAME:
-        raise InvalidName(f"invalid snapshot {full[:40]!r}...: longer than {MAX_NAME} characters")
+        raise InvalidName(f"invalid {what} {full[:40]!r}...: longer than {MAX_NAME} characters")
     return dataset, short
+
+
+def validate_snapshot(full: str) -> tuple[str, str]:
+    """'pool/ds@snap' -> ('pool/ds', 'snap')."""
+    return _split_object(full, "@", "snapshot")
 
 
 def validate_bookmark(full: str) -> tuple[str, str]:
     """'pool/ds#mark' -> ('pool/ds', 'mark')."""
-    if not isinstance(full, str) or full.count("#") != 1 or "@" in full:
-        raise InvalidName(f"invalid bookmark {full!r}: expected dataset#name")
-    dataset, short = full.split("#")
-    validate_dataset(dataset)
-    validate_snapshot_name(short)
-    if len(full) > MAX_NAME:
-        raise InvalidName(f"invalid bookmark {full[:40]!r}...: longer than {MAX_NAME} characters")
-    return dataset, short
+    return _split_object(full, "#", "bookmark")
 
 
 def validate_node_name(name: str) -> str:

@@ -30,9 +30,10 @@ fi
 
 python3 -m pip install -q -e '.[dev]' </dev/null
 
-# The OpenZFS 2.3 guest image of tests/openzfs (built once, about 7 minutes; cached by its recipe under
-# /var/cache/hoster-tasks): only for the tests (`make test` passes --with-openzfs-guest), not for the demo.
-# A failed build fails bootstrap: the script prints its cause.
+# The OpenZFS 2.3 guest image of tests/openzfs (built once, about 7-10 minutes; cached by its recipe under
+# /var/cache/hoster-tasks). `make test` does not wait for it here: pytest builds it in the background while
+# the zfs-fuse tests run (tests/conftest.py). --with-openzfs-guest builds it now; a failed build fails
+# bootstrap with its cause.
 if [[ ${1:-} == --with-openzfs-guest ]]; then
   bash scripts/openzfs-guest.sh build </dev/null
 fi

@@ -8,8 +8,6 @@ where they fail: CI must never pass by skipping. A boot failure fails with the s
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,11 +16,11 @@ from pathlib import Path
 import pytest
 import redis
 from harness import RedisServer
+from harness.cli import CliFn, cli_runner
+from harness.env import require
 from harness.openzfs import Guest, GuestPoolFactory, GuestWorkerFactory, guest_problems, image_dir
 
 OPENZFS_DIR = Path(__file__).parent
-PROJECT_ROOT = OPENZFS_DIR.parents[1]
-CliFn = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -46,21 +44,13 @@ def _attach(request: pytest.FixtureRequest, title: str, text: Callable[[], str])
             return
 
 
-def require_openzfs() -> None:
-    problems = guest_problems()
-    if not problems:
-        return
-    message = "OpenZFS guest unavailable: " + "; ".join(problems)
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (CI=true: failing instead of skipping)", pytrace=False)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="session")
-def openzfs_guest(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+def openzfs_guest(
+    openzfs_image: None, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Guest]:
     """The running guest (booted once per session; `.boot_seconds`), its 10.0.2.100:6379 forwarded to the
     session's redis_server, this checkout's hoster_tasks/ copied in. Powered off at the end."""
-    require_openzfs()
+    require("OpenZFS guest", guest_problems())
     assert redis_server.port is not None
     guest = Guest(image_dir(), tmp_path_factory.mktemp("openzfs-guest"), redis_port=redis_server.port)
     try:
@@ -110,15 +100,6 @@ def ozfs_worker_factory(
 
 @pytest.fixture
 def cli(redis_server: RedisServer) -> CliFn:
-    """`cli("snapshot", "list-all", env={...})`: the real `hoster-tasks` command on the host."""
-
-    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("HOSTER_")}
-        full_env.update({"HOSTER_REDIS_URL": redis_server.url, "HOSTER_TASK_WAIT_SECONDS": "240"})
-        full_env.update(env or {})
-        return subprocess.run(
-            [sys.executable, "-m", "hoster_tasks", *args],
-            env=full_env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, check=False,
-        )  # fmt: skip
-
-    return run
+    """`cli("snapshot", "list-all", env={...})`: the real `hoster-tasks` command on the host (TCG is slow:
+    it waits longer than the zfs-fuse tier's)."""
+    return cli_runner(redis_server.url, wait_seconds=240, default_timeout=300)
