@@ -33,7 +33,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,10 +54,9 @@ def _bench_module(name: str) -> Any:
     return module
 
 import redis  # noqa: E402
-from harness import PoolFactory, RedisServer, Worker, WorkerFactory, ZfsFuse  # noqa: E402
-from harness.netns import RUN_DIR  # noqa: E402
-from harness.proc import ensure_sbin_on_path, make_private_dir, run  # noqa: E402
-from harness.zfs import sweep_stale_pools, sweep_stale_state_dirs  # noqa: E402
+from benchkit import local_bed, on_signals_interrupt  # noqa: E402  (bench/, first on sys.path)
+from harness import PoolFactory, RedisServer, Worker, WorkerFactory  # noqa: E402
+from harness.proc import ensure_sbin_on_path, run  # noqa: E402
 
 _replication = _bench_module("replication")  # bench/replication.py: its machine info and log lines
 machine_info, say = _replication.machine_info, _replication.say
@@ -300,29 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("bench: run as root, with zfs-fuse and redis-server installed")
     out: dict[str, Any] = {"info": machine_info(), "args": vars(args) | {"json": str(args.json)}}
 
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    on_signals_interrupt()
     failed: BaseException | None = None
     with contextlib.ExitStack() as stack:
         try:
-            workdir = Path(tempfile.mkdtemp(prefix="hoster-queuebench-"))
-            stack.callback(shutil.rmtree, workdir, True)
-            daemon = ZfsFuse(make_private_dir(RUN_DIR) / f"zfs-{os.getpid()}")
-            stack.callback(daemon.close)
-            daemon.ensure()
-            sweep_stale_pools()
-            sweep_stale_state_dirs(RUN_DIR)
-            redis_server = RedisServer(workdir / "redis")
-            stack.callback(redis_server.stop)
-            redis_server.start()
-            pools = PoolFactory(workdir / "pools", daemon.mount_root)
-            stack.callback(pools.cleanup)
-            workers = WorkerFactory(redis_server.url, workdir / "workers")
-            stack.callback(workers.cleanup)
-            b = Bench(args, workdir, redis_server, pools, workers)
+            bed = local_bed(stack, "hoster-queuebench-")
+            workdir, redis_server = bed.workdir, bed.redis_server
+            b = Bench(args, workdir, redis_server, bed.pools, bed.workers)
             say(f"workdir {workdir}, redis {redis_server.url}, workers q1 ({len(b.vms['q1'])} VMs) and q2, -c 4")
             out["rss_kib_start"] = {n: rss_kib(w) for n, w in b.workers.items()}
             part_idle(b, out)

@@ -30,10 +30,8 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,10 +53,9 @@ def _bench_module(name: str) -> Any:
     spec.loader.exec_module(module)
     return module
 
-from harness import PoolFactory, RedisServer, Worker, WorkerFactory, ZfsFuse  # noqa: E402
-from harness.netns import RUN_DIR  # noqa: E402
-from harness.proc import HarnessError, ensure_sbin_on_path, make_private_dir, run  # noqa: E402
-from harness.zfs import sweep_stale_pools, sweep_stale_state_dirs  # noqa: E402
+from benchkit import local_bed, on_signals_interrupt, tear_down  # noqa: E402  (bench/, first on sys.path)
+from harness import RedisServer, Worker, WorkerFactory  # noqa: E402
+from harness.proc import HarnessError, ensure_sbin_on_path, run  # noqa: E402
 
 _replication = _bench_module("replication")  # bench/replication.py: its report table, machine info, log lines
 _TASK_DONE, Report, machine_info, say = (_replication._TASK_DONE, _replication.Report, _replication.machine_info,
@@ -368,31 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report(info=machine_info())
     report.info["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    on_signals_interrupt()
     stack = contextlib.ExitStack()
     started = time.monotonic()
     failed: BaseException | None = None
     try:
-        workdir = Path(tempfile.mkdtemp(prefix="hoster-snapbench-"))
-        stack.callback(shutil.rmtree, workdir, True)
-        daemon = ZfsFuse(make_private_dir(RUN_DIR) / f"zfs-{os.getpid()}")
-        stack.callback(daemon.close)
-        daemon.ensure()
-        sweep_stale_pools()
-        sweep_stale_state_dirs(RUN_DIR)
-        redis_server = RedisServer(workdir / "redis")
-        stack.callback(redis_server.stop)
-        redis_server.start()
-        pools = PoolFactory(workdir / "pools", daemon.mount_root)
-        stack.callback(pools.cleanup)
-        workers = WorkerFactory(redis_server.url, workdir / "workers")
-        stack.callback(workers.cleanup)
-        pool = pools(size="8G", prefix="hs")
-        b = Bench(args, workdir, pool, redis_server, workers)
+        bed = local_bed(stack, "hoster-snapbench-")
+        workdir, redis_server = bed.workdir, bed.redis_server
+        pool = bed.pools(size="8G", prefix="hs")
+        b = Bench(args, workdir, pool, redis_server, bed.workers)
         say(f"workdir {workdir}, pool {pool.name}, redis {redis_server.url}, "
             f"{'multi-name' if b.multi_snapshot else 'no multi-name'} snapshots")  # fmt: skip
         for n in args.vms:
@@ -402,16 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"stopped: {type(exc).__name__}: {exc}")
     finally:
         print_report(args, report, started)  # before the cleanup: a cleanup that hangs loses nothing
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        say("cleaning up (worker, pool, redis)")
-        try:
-            stack.close()
-        except Exception as exc:  # noqa: BLE001
-            say(f"cleanup problem: {exc}")
-            failed = failed or exc
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        failed = failed or tear_down(stack, say, "worker, pool, redis")
     if isinstance(failed, KeyboardInterrupt):
         return 130
     return 1 if failed else 0
