@@ -8,18 +8,31 @@ or any other name the standard library or a dependency might also use.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness import PoolFactory, RedisServer, WorkerFactory, ZfsFuse
 from harness.netns import RUN_DIR
 from harness.proc import make_private_dir
 from harness.zfs import sweep_stale_pools, sweep_stale_state_dirs
+
+
+def bench_module(name: str) -> Any:
+    """A sibling bench script as a module, by path (the bench folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass(frozen=True)

@@ -42,22 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 
-def _bench_module(name: str) -> Any:
-    """A sibling bench script as a module, by path (the bench folder is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-from benchkit import local_bed, on_signals_interrupt, tear_down  # noqa: E402  (bench/, first on sys.path)
+from benchkit import bench_module, local_bed, on_signals_interrupt, tear_down  # noqa: E402  (bench/, first on sys.path)
 from harness import RedisServer, Worker, WorkerFactory  # noqa: E402
 from harness.proc import HarnessError, ensure_sbin_on_path, run  # noqa: E402
 
-_replication = _bench_module("replication")  # bench/replication.py: its report table, machine info, log lines
+_replication = bench_module("replication")  # bench/replication.py: its report table, machine info, log lines
 _TASK_DONE, Report, machine_info, say = (_replication._TASK_DONE, _replication.Report, _replication.machine_info,
                                          _replication.say)  # fmt: skip
 
