@@ -348,16 +348,16 @@ class Replicator:
             ops.set_property(self.ctx.shell, dataset, prop, str(base.guid), self.ctx.zfs)
         if moved or self.base_unheld(dataset, sides):
             released = self._move_holds(dataset, base, old_guid, sides)
-        if moved:
-            self._bookmark_base(dataset, base, sides)
+        self._bookmark_base(dataset, base, sides)  # also when a run died between recording it and this
         marked = self._mark_copy(target, sides)
         src_props = {**sides.source_props, dataset: {**sides.source_props.get(dataset, {}), prop: str(base.guid)}}
         tgt_props = {**sides.target_props, target: {**sides.target_props.get(target, {}), **marked}}
         return _without_holds(replace(sides, source_props=src_props, target_props=tgt_props), target, released)
 
     def _bookmark_base(self, dataset: str, base: Snapshot, sides: Sides) -> None:
-        """Bookmark the new base (OpenZFS), then drop this target's older bookmarks: if the base snapshot is
-        destroyed by hand, the next run still goes incremental from its bookmark (planner). One per target."""
+        """Bookmark the base (OpenZFS) unless the listing shows it bookmarked, then drop this target's older
+        bookmarks: if the base snapshot is destroyed by hand, the next run still goes incremental from its
+        bookmark (planner). One per target; writes nothing when all of it is already so."""
         if not self.ctx.caps.bookmarks:
             return
         prefix = ops.bookmark_prefix(self.endpoint.name)

@@ -706,8 +706,11 @@ def test_finish_marks_a_new_copy_with_its_parent_and_read_only(world: World) -> 
 def test_finish_with_nothing_new_writes_nothing(world: World) -> None:
     received(world, T_VM1, VM1, [H2, H3])
     world.src_model.datasets[VM1].props["hoster-tasks:base.backup1"] = str(guid(VM1, H3))
-    world.src_model.snap(VM1, H3).userrefs = 1  # the recorded base is held on both sides already
+    h3 = world.src_model.snap(VM1, H3)
+    h3.userrefs = 1  # the recorded base is held on both sides already, and bookmarked
     world.tgt_model.snap(T_VM1, H3).userrefs = 1
+    world.src_model.datasets[VM1].bookmarks = [SnapRow(f"hoster-tasks:backup1:{H3}", h3.guid, h3.createtxg,
+                                                       h3.creation)]
     rep = world.replicator()
     sides = rep.list_sides([VM1])
     world.reset()
@@ -979,6 +982,28 @@ def test_a_base_destroyed_on_the_source_is_replaced_by_its_bookmark(world: World
     # the old base is gone from the source: its hold is released on the target, by the target's name
     assert ["zfs", "release", "hoster-tasks.backup1", f"{T_WEB}@{H1}"] in world.tgt.calls
     assert not [c for c in world.src.calls if c[1] == "release"]
+
+
+def test_a_recorded_base_without_its_bookmark_gets_one(world: World) -> None:
+    """A run killed after recording the base and before bookmarking it: the next finish bookmarks it, and
+    writes nothing more once the bookmark is there."""
+    rep = world.replicator()
+    received(world, T_VM3, VM3, [H1, H2, H3], **{"hoster-tasks:parent": NODE})
+    row = world.src_model.datasets[VM3]
+    row.props["hoster-tasks:base.backup1"] = str(guid(VM3, H3))
+    for snap in row.snaps:
+        snap.userrefs = 1 if snap.name == H3 else 0
+    world.tgt_model.snap(T_VM3, H3).userrefs = 1
+    rep.finish(VM3, rep.list_sides([VM3]))
+    assert [c for c in world.src.calls if c[1:2] == ["bookmark"]] == [
+        ["zfs", "bookmark", f"{VM3}@{H3}", f"{VM3}#hoster-tasks:backup1:{H3}"]]
+
+    h3 = world.src_model.snap(VM3, H3)
+    row.bookmarks = [SnapRow(f"hoster-tasks:backup1:{H3}", h3.guid, h3.createtxg, h3.creation)]
+    after = rep.list_sides([VM3])
+    world.reset()
+    rep.finish(VM3, after)
+    assert [c for c in world.src.calls if c[1:2] in (["bookmark"], ["destroy"], ["set"], ["hold"])] == []
 
 
 def test_list_sides_parses_each_sides_listing_once(world: World, monkeypatch: Any) -> None:
