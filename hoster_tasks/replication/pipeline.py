@@ -56,8 +56,9 @@ def pv_argv(speed_limit_mb: float | None, interval: float = 0.5) -> list[str]:
 
 
 class StallClock:
-    """When the byte count last grew. Updated from pv's reader thread, read by the waiting one. Once every
-    byte has passed pv, the wait for the receive to commit is no stall: `done()` stops the clock."""
+    """The bytes sent so far, and when that count last grew. Updated from pv's reader thread, read by the
+    waiting one. Once every byte has passed pv, the wait for the receive to commit is no stall: `done()`
+    stops the clock."""
 
     def __init__(self, limit: float | None, now: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
@@ -110,11 +111,9 @@ def run_pipeline(
     Start it from a thread that lives until it returns (the stages die when that thread exits, on Linux)."""
     stages = [send, Stage(pv_argv(speed_limit_mb), "local"), receive]
     results = [StageResult(s) for s in stages]
-    sent = [0]
-    clock = StallClock(stall_seconds)
+    clock = StallClock(stall_seconds)  # its byte count is the transfer's (pv's count only grows)
 
     def on_bytes(n: int) -> None:
-        sent[0] = n
         clock.saw(n)
         if progress is not None:
             progress(n)
@@ -171,11 +170,11 @@ def run_pipeline(
         raise verdict
     if clock.fired and any(r.exit_code != 0 for r in results):
         raise TransferStalled(
-            f"no progress for {stall_seconds:g} s after {sent[0]} bytes: the transfer was stopped "
+            f"no progress for {stall_seconds:g} s after {clock.bytes} bytes: the transfer was stopped "
             f"[stages: {_summary(results)}]"
         )
     _raise_for(results)
-    return PipelineResult(sent[0], time.monotonic() - started, results)
+    return PipelineResult(clock.bytes, time.monotonic() - started, results)
 
 
 def _exit_status(proc: subprocess.Popen[bytes]) -> int | None:
