@@ -43,8 +43,8 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 
 import redis  # noqa: E402
-from benchkit import bench_module, local_bed, on_signals_interrupt  # noqa: E402  (bench/, first on sys.path)
-from harness import PoolFactory, RedisServer, Worker, WorkerFactory  # noqa: E402
+from benchkit import LocalBed, bench_module, local_bed, on_signals_interrupt  # noqa: E402  (bench/, first on sys.path)
+from harness import Worker  # noqa: E402
 from harness.proc import ensure_sbin_on_path, run  # noqa: E402
 
 _replication = bench_module("replication")  # bench/replication.py: its machine info and log lines
@@ -110,13 +110,12 @@ class Trace:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path, redis_server: RedisServer, pools: PoolFactory,
-                 workers: WorkerFactory) -> None:  # fmt: skip
+    def __init__(self, args: argparse.Namespace, bed: LocalBed) -> None:
         self.args = args
-        self.workdir = workdir
-        self.redis_server = redis_server
+        self.workdir = workdir = bed.workdir
+        self.redis_server = bed.redis_server
         self.trace = Trace(workdir / "trace.jsonl")
-        self.pool = pools(size="4G", prefix="hq")
+        self.pool = bed.pools(size="4G", prefix="hq")
         self.workers: dict[str, Worker] = {}
         self.vms: dict[str, list[str]] = {}
         for node, count in (("q1", max(args.day_vms, 3)), ("q2", 3)):
@@ -127,8 +126,8 @@ class Bench:
                 run(["zfs", "create", ds])
             env = {"HOSTER_DATASETS": [root], "HOSTER_TARGETS": [], "BENCH_TRACE_FILE": str(self.trace.path),
                    "PYTHONPATH": os.pathsep.join([str(TRACE_DIR), str(ROOT)])}  # fmt: skip
-            self.workers[node] = workers(node, env, args=["-c", "4"], netns=False)
-        os.environ["HOSTER_REDIS_URL"] = redis_server.url
+            self.workers[node] = bed.workers(node, env, args=["-c", "4"], netns=False)
+        os.environ["HOSTER_REDIS_URL"] = bed.redis_server.url
         for key in [k for k in os.environ if k.startswith("HOSTER_") and k != "HOSTER_REDIS_URL"]:
             del os.environ[key]
         from hoster_tasks.client import Client
@@ -293,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             bed = local_bed(stack, "hoster-queuebench-")
             workdir, redis_server = bed.workdir, bed.redis_server
-            b = Bench(args, workdir, redis_server, bed.pools, bed.workers)
+            b = Bench(args, bed)
             say(f"workdir {workdir}, redis {redis_server.url}, workers q1 ({len(b.vms['q1'])} VMs) and q2, -c 4")
             out["rss_kib_start"] = {n: rss_kib(w) for n, w in b.workers.items()}
             part_idle(b, out)

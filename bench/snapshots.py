@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 
-from benchkit import bench_module, local_bed, on_signals_interrupt, tear_down  # noqa: E402  (bench/, first on sys.path)
-from harness import RedisServer, Worker, WorkerFactory  # noqa: E402
+from benchkit import LocalBed, bench_module, local_bed, on_signals_interrupt, tear_down  # noqa: E402  (bench/, first on sys.path)
+from harness import Worker  # noqa: E402
 from harness.proc import HarnessError, ensure_sbin_on_path, run  # noqa: E402
 
 _replication = bench_module("replication")  # bench/replication.py: its report table, machine info, log lines
@@ -227,15 +227,14 @@ class Size:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path, pool: Any, redis: RedisServer,
-                 workers: WorkerFactory) -> None:  # fmt: skip
+    def __init__(self, args: argparse.Namespace, bed: LocalBed, pool: Any) -> None:
         self.args = args
-        self.workdir = workdir
+        self.workdir = bed.workdir
         self.pool = pool
-        self.redis = redis
-        self.workers = workers
+        self.redis = bed.redis_server
+        self.workers = bed.workers
         self.node_name = "benchnode"
-        self.sanoid_path = sanoid_copy(workdir, pool.name)
+        self.sanoid_path = sanoid_copy(self.workdir, pool.name)
         # sanoid's first timed run is `keep + 1` hours after the seeds: they are then old enough to prune.
         self.sanoid_hours = args.keep
         from hoster_tasks.zfs.probe import probe
@@ -362,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bed = local_bed(stack, "hoster-snapbench-")
         workdir, redis_server = bed.workdir, bed.redis_server
         pool = bed.pools(size="8G", prefix="hs")
-        b = Bench(args, workdir, pool, redis_server, bed.workers)
+        b = Bench(args, bed, pool)
         say(f"workdir {workdir}, pool {pool.name}, redis {redis_server.url}, "
             f"{'multi-name' if b.multi_snapshot else 'no multi-name'} snapshots")  # fmt: skip
         for n in args.vms:
