@@ -22,6 +22,7 @@ from hoster_tasks.settings import Settings
 from hoster_tasks.zfs import commands as cmd
 from hoster_tasks.zfs import ops
 from hoster_tasks.zfs.parse import parse_get
+from hoster_tasks.zfs.probe import probe
 from hoster_tasks.zfs.shell import Shell
 
 
@@ -44,20 +45,16 @@ class NodeInfo:
         return [v for v in self.vms if v.parent == self.name]
 
 
+PARTLY_RECEIVED = "(partly received)"  # the parent of an unmarked copy whose receive was cut: no node's VM
+
+
 def inventory(shell: Shell, settings: Settings) -> list[VmInfo]:
     """The VM datasets under the configured roots, with their parent node (one batched property read):
     `hoster-tasks:parent`, else Hoster's `parent_host` in the VM's vm_config.json, else this node."""
     datasets = ops.child_datasets(shell, settings.datasets, settings.zfs_command)
-    props = ops.get_properties(shell, datasets, [ops.PARENT_PROPERTY, "mountpoint"], zfs=settings.zfs_command)
-    out = []
-    for ds in datasets:
-        vm = vm_of(ds, settings.datasets)
-        if vm is None:
-            continue
-        found = props.get(ds, {})
-        out.append(VmInfo(vm, ds, _parent(found.get(ops.PARENT_PROPERTY, "-"), found.get("mountpoint", "-"),
-                                          settings.node_name)))
-    return out
+    props = ops.get_properties(shell, datasets, _vm_props(shell, settings), zfs=settings.zfs_command)
+    return [VmInfo(vm, ds, _parent(props.get(ds, {}), settings.node_name))
+            for ds in datasets if (vm := vm_of(ds, settings.datasets)) is not None]
 
 
 def vms_among(shell: Shell, settings: Settings, datasets: Sequence[str]) -> list[VmInfo]:
@@ -67,21 +64,34 @@ def vms_among(shell: Shell, settings: Settings, datasets: Sequence[str]) -> list
     wanted = [ds for ds in dict.fromkeys(datasets) if vm_of(ds, settings.datasets) is not None]
     if not wanted:
         return []
-    argv = cmd.get_props(wanted, [ops.PARENT_PROPERTY, "mountpoint"], False, settings.zfs_command)
+    argv = cmd.get_props(wanted, _vm_props(shell, settings), False, settings.zfs_command)
     result = shell.run(argv, check=False)
     errors = [line for line in result.stderr.splitlines() if line.strip() and "does not exist" not in line]
     if result.exit_code != 0 and errors:
         raise zfs_error(argv, result.exit_code, "\n".join(errors), shell.host)
     props = parse_get(result.stdout)
-    return [VmInfo(vm, ds, _parent(found.get(ops.PARENT_PROPERTY, "-"), found.get("mountpoint", "-"),
-                                   settings.node_name))
+    return [VmInfo(vm, ds, _parent(found, settings.node_name))
             for ds in wanted if (found := props.get(ds)) is not None and (vm := vm_of(ds, settings.datasets))]
 
 
-def _parent(recorded: str, mountpoint: str, node_name: str) -> str:
+_resumable: dict[tuple[str, str], bool] = {}  # (host, zfs) -> has resumable receives; a host's ZFS stays put
+
+
+def _vm_props(shell: Shell, settings: Settings) -> list[str]:
+    props = [ops.PARENT_PROPERTY, "mountpoint"]
+    key = (shell.host, settings.zfs_command)
+    if key not in _resumable:
+        _resumable[key] = probe(shell, settings.zfs_command).resumable
+    return [*props, ops.RESUME_TOKEN] if _resumable[key] else props
+
+
+def _parent(found: dict[str, str], node_name: str) -> str:
+    recorded = found.get(ops.PARENT_PROPERTY, "-")
     if recorded not in ("-", ""):
         return recorded
-    hoster_parent = parent_host(mountpoint)
+    if found.get(ops.RESUME_TOKEN, "-") not in ("-", ""):
+        return PARTLY_RECEIVED  # a copy another tool's receive left cut (ours are marked as they start)
+    hoster_parent = parent_host(found.get("mountpoint", "-"))
     if hoster_parent is None or is_this_host(hoster_parent, node_name):
         return node_name
     return hoster_parent

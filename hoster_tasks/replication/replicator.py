@@ -45,7 +45,6 @@ from hoster_tasks.zfs.probe import Capabilities, probe
 from hoster_tasks.zfs.shell import Shell, shell_for
 
 ProgressFn = Callable[[dict[str, Any]], None]
-RESUME_TOKEN = "receive_resume_token"
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ class Replicator:
     def _list_target(self, targets: Sequence[str]) -> tuple[dict[str, dict[str, str]], set[str]]:
         props = ops.snapshot_props(self.target_caps) + (ops.PARENT_PROPERTY,)
         if self.target_caps.resumable:
-            props += (RESUME_TOKEN,)
+            props += (ops.RESUME_TOKEN,)
         argv = cmd.get_props(targets, props, recursive=True, zfs=self.ctx.zfs)
         result = self.target_shell.run(argv, check=False)
         missing = {t for t in targets if f"'{t}'" in result.stderr and "does not exist" in result.stderr}
@@ -241,8 +240,7 @@ class Replicator:
         base = step.base.full if step.kind is StepKind.INCREMENTAL and step.base else None
         send_argv = cmd.send(step.snapshot.full, base, opts, self.ctx.zfs)
         total = self.estimate(step, opts)
-        recv_argv = cmd.receive(target, resumable=self._resumable(), zfs=self.ctx.zfs)
-        return self._transfer(dataset, send_argv, recv_argv, total)
+        return self._transfer(dataset, send_argv, self._receive(target, self._resumable()), total)
 
     def resume(self, dataset: str, sides: Sides) -> PipelineResult | None:
         """Finish an interrupted resumable receive; abort a token whose snapshot is gone."""
@@ -252,14 +250,14 @@ class Replicator:
             return None
         send_argv = cmd.send("", None, cmd.SendOptions(resume_token=token), self.ctx.zfs)
         try:
-            return self._transfer(dataset, send_argv, cmd.receive(target, True, self.ctx.zfs), None)
+            return self._transfer(dataset, send_argv, self._receive(target, True), None)
         except ZfsError:
             self.guard()
             self.target_shell.run(cmd.receive_abort(target, self.ctx.zfs))
             return None
 
     def _token(self, dataset: str, sides: Sides) -> str | None:
-        token = sides.target_props.get(self.endpoint.target_dataset(dataset), {}).get(RESUME_TOKEN, "-")
+        token = sides.target_props.get(self.endpoint.target_dataset(dataset), {}).get(ops.RESUME_TOKEN, "-")
         return token if self._resumable() and token not in ("-", "") else None
 
     def _transfer(self, dataset: str, send_argv: list[str], recv_argv: list[str], total: int | None) -> PipelineResult:
@@ -310,6 +308,13 @@ class Replicator:
             f"has no raw send (zfs send -w): refusing to send it decrypted to {self.endpoint.name}. Nothing was "
             f"sent. Set send_decrypted = true on endpoint {self.endpoint.name!r} to allow a plaintext copy."
         )
+
+    def _receive(self, target: str, resumable: bool) -> list[str]:
+        """Where the target can, the copy is marked a read-only backup of this node by the receive itself:
+        a copy cut midway, or one a worker died on before `_mark_copy`, is never listed as the backup
+        node's own VM (which a heartbeat would publish, and the CLI route this VM's jobs to)."""
+        marks = {ops.PARENT_PROPERTY: self.ctx.settings.node_name, "readonly": "on"}
+        return cmd.receive(target, resumable, self.ctx.zfs, marks if self.target_caps.receive_props else None)
 
     def _resumable(self) -> bool:
         return self.ctx.caps.resumable and self.target_caps.resumable

@@ -14,7 +14,7 @@ from hoster_tasks.errors import ReadOnlyCopy, UnknownVM
 from hoster_tasks.failover import stale_message
 from hoster_tasks.jobs import JobLease, Rerun
 from hoster_tasks.names import validate_vm
-from hoster_tasks.nodes import VmInfo, superseded, vms_among
+from hoster_tasks.nodes import PARTLY_RECEIVED, VmInfo, superseded, vms_among
 from hoster_tasks.observability.crons import fanout_headers, fanout_of, job_finished
 from hoster_tasks.redis_conn import client_from_url
 from hoster_tasks.requests import TaskRequest
@@ -97,6 +97,9 @@ class NodeTask(PublicTask):
                                                            ((v, stale[v.name]) for v in own if v.name in stale)]
 
     def check_owned(self, info: VmInfo) -> None:
+        if info.parent == PARTLY_RECEIVED:
+            raise ReadOnlyCopy(f"{info.dataset} on {self.settings.node_name} is a partly received copy (its zfs "
+                               f"receive was cut, and no node is recorded as its parent): it is read-only here")
         if info.parent != self.settings.node_name:
             raise ReadOnlyCopy(f"{info.dataset} on {self.settings.node_name} is a backup copy of node "
                                f"{info.parent!r}'s VM {info.name}: it is read-only here")

@@ -7,7 +7,7 @@ argument that zfs would read as an option or a shell would read as syntax.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hoster_tasks.names import validate_bookmark, validate_dataset, validate_snapshot, validate_snapshot_name
@@ -144,12 +144,22 @@ def destroy_bookmark(bookmark_full: str, zfs: str = ZFS) -> list[str]:
     return [zfs, "destroy", bookmark_full]
 
 
-def receive(target: str, resumable: bool = False, zfs: str = ZFS) -> list[str]:
-    """Never `-F`: a target that changed is refused, not rolled back. `-u`: copies are not mounted."""
+RECEIVE_NATIVE_PROPS = frozenset({"readonly"})  # the native properties a receive may set (`-o`)
+
+
+def receive(
+    target: str, resumable: bool = False, zfs: str = ZFS, props: Mapping[str, str] | None = None
+) -> list[str]:
+    """Never `-F`: a target that changed is refused, not rolled back. `-u`: copies are not mounted. `props`
+    (`-o p=v`) are set as the receive creates the dataset, so even a partly received copy carries them."""
     validate_dataset(target)
     argv = [zfs, "receive", "-u"]
     if resumable:
         argv.append("-s")
+    for prop, value in (props or {}).items():
+        if prop not in RECEIVE_NATIVE_PROPS:
+            _check_user_property(prop, value)
+        argv += ["-o", f"{prop}={value}"]
     return [*argv, target]
 
 
@@ -169,12 +179,16 @@ def release(tag: str, full: str, zfs: str = ZFS) -> list[str]:
     return [zfs, "release", tag, full]
 
 
-def set_user_property(dataset: str, prop: str, value: str, zfs: str = ZFS) -> list[str]:
-    validate_dataset(dataset)
+def _check_user_property(prop: str, value: str) -> None:
     if ":" not in prop or not _PROPERTY.fullmatch(prop):
         raise ValueError(f"not a user property: {prop!r}")
     if "\n" in value or "\0" in value:
         raise ValueError("property value may not contain newlines")
+
+
+def set_user_property(dataset: str, prop: str, value: str, zfs: str = ZFS) -> list[str]:
+    validate_dataset(dataset)
+    _check_user_property(prop, value)
     return [zfs, "set", f"{prop}={value}", dataset]
 
 

@@ -11,6 +11,7 @@ from hoster_tasks.zfs.probe import Capabilities
 from hoster_tasks.zfs.shell import Shell
 
 PARENT_PROPERTY = "hoster-tasks:parent"  # node that owns a VM; absent = the node it is on
+RESUME_TOKEN = "receive_resume_token"  # set on a dataset whose resumable receive was cut
 BASE_PROPERTY_PREFIX = "hoster-tasks:base."  # + target name: GUID of the newest common snapshot
 HOLD_TAG_PREFIX = "hoster-tasks."  # + target name
 # + target name: GUID of the snapshot being sent there, recorded before the send starts. Retention spares

@@ -29,11 +29,13 @@ class Capabilities:
     receive_unmounted: bool = True  # receive -u (accepted by zfs-fuse too, though not in its usage)
     encryption: bool = False  # native encryption (load-key): only then can a dataset be encrypted
     destroy_list: bool = False  # zfs destroy ds@a,b,c: several snapshots of a dataset in one call
+    receive_props: bool = False  # receive -o prop=value: set as the dataset is created, a partial one too
 
 
 OPENZFS2 = Capabilities(
     multi_snapshot=True, holds=True, bookmarks=True, resumable=True, raw_send=True, send_estimate=True,
     list_parsable=True, clones_property=True, receive_unmounted=True, encryption=True, destroy_list=True,
+    receive_props=True,
 )
 
 
@@ -82,6 +84,7 @@ def capabilities_from_usage(usage: str) -> Capabilities:
         clones_property=openzfs2,
         encryption=_has_command(usage, "load-key"),
         destroy_list=_destroy_takes_lists(usage),
+        receive_props="o" in receive,
     )
 
 

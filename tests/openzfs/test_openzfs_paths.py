@@ -36,6 +36,7 @@ from harness.openzfs import (
 from harness.proc import wait_until
 
 from hoster_tasks import keys
+from hoster_tasks.nodes import PARTLY_RECEIVED, live_nodes
 from hoster_tasks.zfs.ops import hold_tag
 
 TARGET, BACK = "ozfs-target", "ozfs-back"  # the source's target; the backup node's way back
@@ -58,6 +59,17 @@ class Bed:
     workers: GuestWorkerFactory
     src_worker: GuestWorker
     dst_worker: GuestWorker
+    redis_url: str
+
+    def registered_parent(self, node: str, vm: str) -> str | None:
+        """The parent `node`'s heartbeat last published for `vm` (what the CLI routes by)."""
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        try:
+            nodes = {n.name: n for n in live_nodes(client)}
+        finally:
+            client.close()
+        found = [v.parent for v in nodes[node].vms if v.name == vm] if node in nodes else []
+        return found[0] if found else None
 
     def vm(self, root: str, name: str, mib: int = 0) -> tuple[str, str]:
         """One of the bed's VMs (see BED_VMS), with `mib` MiB more data, and the name its copy has."""
@@ -115,7 +127,7 @@ def bed(openzfs_guest: Guest, redis_server: RedisServer) -> Iterator[Bed]:
         g.sh("; ".join(f"zfs create {shlex.quote(src.ds(f'{root}/{name}'))}" for root, name in BED_VMS))
         src_worker = workers(SRC_NODE, _node_env(src, dst, TARGET))
         dst_worker = workers(DST_NODE, _node_env(dst, src, BACK, HOSTER_VM_KEY_LOCATION=KEY_LOCATION))
-        yield Bed(g, src, dst, workers, src_worker, dst_worker)
+        yield Bed(g, src, dst, workers, src_worker, dst_worker, redis_server.url)
     finally:
         try:
             workers.cleanup()
@@ -248,8 +260,12 @@ def test_a_cut_transfer_resumes_from_its_token_and_a_stale_token_is_aborted(
     first = newest(g, vm)
     full = stream_size(g, f"{vm}@{first}")
 
-    # a first replication cut after 3 MB: the next run resumes with send -t and sends only the rest
+    # a first replication cut after 3 MB (by a receive that did not mark the copy): the backup node lists it
+    # as a partly received copy, not as its own VM, so the CLI still routes resume1's jobs to its parent
     cut_stream(g, [f"{vm}@{first}"], copy, 3_000_000)
+    wait_until(lambda: ozfs.registered_parent(DST_NODE, "resume1") is not None, 60, "a heartbeat to list the copy")
+    assert ozfs.registered_parent(DST_NODE, "resume1") == PARTLY_RECEIVED
+    # the next run resumes with send -t and sends only the rest
     resumed = replicate(cli, "resume1")
     assert 0 < resumed["resumed"] < full - 2_500_000, (resumed, full)
     assert prop(g, copy, "receive_resume_token") == "-"
@@ -278,14 +294,19 @@ def test_a_stalled_transfer_is_stopped_retried_and_resumed(ozfs: Bed, cli: Calla
     vm, copy = ozfs.vm(VMS, "stall1", 10)
     snap(cli, "stall1")
     done: list[Any] = []
+    published: set[str | None] = set()  # what the backup node's heartbeats said stall1's parent was
     thread = threading.Thread(target=lambda: done.append(
         cli("vm", "replicate", "stall1", "--endpoint", TARGET, "--speed-limit", "1", "--json", timeout=600)))
     thread.start()
-    wait_until(lambda: bool(g.pgrep(f"^zfs receive -u -s {copy}$")), 180, "the receive to start", interval=0.5)
+    receive = f"zfs receive -u -s -o hoster-tasks:parent={SRC_NODE} -o readonly=on {copy}"  # marked as made
+    wait_until(lambda: bool(g.pgrep(f"^{receive}$")), 180, "the receive to start", interval=0.5)
     time.sleep(3)  # some bytes on their way
-    assert g.pkill(f"^ssh .*zfs receive -u -s {copy}$", "STOP") == 1
-    thread.join(600)
+    assert g.pkill(f"^ssh .*{receive}$", "STOP") == 1
+    while thread.is_alive():  # the cut copy, until resumed, is listed as the source's, never the backup's
+        published.add(ozfs.registered_parent(DST_NODE, "stall1"))
+        thread.join(0.5)
     assert done, "the replication did not end"
+    assert published <= {None, SRC_NODE}, published
     result = ok_json(done[0])
     assert result["resumed"] > 0, result
     assert guids(g, copy) == guids(g, vm)

@@ -244,6 +244,24 @@ def test_receive_unmounted_never_force() -> None:
         assert "-F" not in cmd.receive("backup/web1", resumable=resumable)
 
 
+def test_receive_sets_the_copy_marks_as_it_creates() -> None:
+    marks = {"hoster-tasks:parent": "node1", "readonly": "on"}
+    assert cmd.receive("backup/web1", True, props=marks) == [
+        "zfs", "receive", "-u", "-s", "-o", "hoster-tasks:parent=node1", "-o", "readonly=on", "backup/web1",
+    ]
+
+
+@pytest.mark.parametrize("prop, value", [
+    ("mountpoint", "/"),  # a native property other than readonly
+    ("hoster-tasks:parent", "a\nb"),
+    ("bad prop:x", "v"),
+    ("-F", "x"),
+])
+def test_receive_refuses_other_properties(prop: str, value: str) -> None:
+    with pytest.raises(ValueError):
+        cmd.receive("backup/web1", props={prop: value})
+
+
 def test_receive_abort() -> None:
     assert cmd.receive_abort("backup/web1") == ["zfs", "receive", "-A", "backup/web1"]
 

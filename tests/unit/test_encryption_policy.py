@@ -101,7 +101,9 @@ def test_encrypted_with_raw_send_on_both_sides_goes_raw(pipeline: CapturedPipeli
         ["zfs", "send", "-w", f"{VM}@{H1}"],
         ["zfs", "send", "-w", "-I", f"{VM}@{H1}", f"{VM}@{H2}"],
     ]
-    assert [remote(r) for _, r in pipeline.transfers] == [["zfs", "receive", "-u", "-s", T_VM]] * 2
+    # the receive marks the copy as it creates it: a read-only backup of this node
+    marks = ["-o", f"hoster-tasks:parent={NODE}", "-o", "readonly=on"]
+    assert [remote(r) for _, r in pipeline.transfers] == [["zfs", "receive", "-u", "-s", *marks, T_VM]] * 2
     assert src.zfs_calls()[:2] == [["zfs"], [*GET, SRC_PROPS_OPENZFS, VM]]  # one listing, no extra read
 
 
@@ -212,7 +214,7 @@ def test_a_probe_of_a_missing_local_binary_raises_probe_failed(tmp_path: Path) -
 
 
 def test_a_failed_target_probe_is_not_cached_and_the_next_run_probes_again(pipeline: CapturedPipeline) -> None:
-    """A worker's cache (tasks/replication.py) must never keep "nothing supported" for a host that was down."""
+    """A worker's cache (tasks/chain.py) must never keep "nothing supported" for a host that was down."""
     src, tgt = source(), target()
     cache: dict[str, Capabilities] = {}
     tgt.answers[("zfs",)] = (255, "", "ssh: connect to host 192.0.2.10 port 2222: Connection refused\r\n")

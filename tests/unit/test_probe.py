@@ -39,6 +39,7 @@ def test_zfs_fuse_capabilities() -> None:
     assert caps.receive_unmounted is True
     assert caps.encryption is False  # no load-key: no dataset can be encrypted
     assert caps.destroy_list is False  # `destroy [-rRd] <snapshot>`: one snapshot per call
+    assert caps.receive_props is False  # `receive [-vnF]`: no -o, the copy is marked after its receive
 
 
 def test_openzfs2_capabilities_all_true() -> None:
@@ -55,6 +56,7 @@ def test_openzfs2_capabilities_all_true() -> None:
         receive_unmounted=True,
         encryption=True,
         destroy_list=True,
+        receive_props=True,
     )
     assert caps == OPENZFS2
 
@@ -81,6 +83,7 @@ def _without_line(text: str, startswith: str) -> str:
         ("snapshot ", "multi_snapshot"),
         ("load-key ", "encryption"),
         ("destroy [-dnpRrv]", "destroy_list"),
+        ("receive [-vMnsFhu] [-o", "receive_props"),
     ],
 )
 def test_each_feature_depends_on_its_own_usage_line(drop: str, field: str) -> None:

@@ -45,6 +45,7 @@ SRC_ENC, SRC_PLAIN = "zroot/vm-encrypted", "zroot/vm-unencrypted"
 DST_ENC, DST_PLAIN = "tank/backup/vm-encrypted", "tank/backup/vm-unencrypted"
 VM1, WEB, VM3 = f"{SRC_ENC}/vm1", f"{SRC_PLAIN}/web", f"{SRC_ENC}/vm3"  # encrypted, plain, encrypted
 T_VM1, T_WEB, T_VM3 = f"{DST_ENC}/vm1", f"{DST_PLAIN}/web", f"{DST_ENC}/vm3"
+MARKS = ("-o", f"hoster-tasks:parent={NODE}", "-o", "readonly=on")  # receive -o: the copy is marked as made
 H1, H2, H3 = "hourly_2024-05-06_10-33-00", "hourly_2024-05-06_11-33-00", "hourly_2024-05-06_12-33-00"
 # A receive_resume_token as OpenZFS 2.2 prints it (abbreviated: real ones are a few hundred hex digits).
 TOKEN = (
@@ -363,7 +364,7 @@ def script_estimates(world: World) -> None:
 
 
 def receive_stage(target: str) -> list[str]:
-    return ["ssh", *SSH_OPTIONS, "--", "192.0.2.10", f"zfs receive -u -s {target}"]
+    return ["ssh", *SSH_OPTIONS, "--", "192.0.2.10", shlex.join(["zfs", "receive", "-u", "-s", *MARKS, target])]
 
 
 def received(world: World, target: str, source: str, names: Sequence[str], **props: str) -> None:
@@ -494,7 +495,7 @@ def test_encrypted_incremental_is_sent_raw_into_a_resumable_receive(world: World
     assert t.send_host == "local"
     assert t.receive == receive_stage(T_VM1)
     assert t.receive_host == TARGET
-    assert t.remote_command == ["zfs", "receive", "-u", "-s", T_VM1]
+    assert t.remote_command == ["zfs", "receive", "-u", "-s", *MARKS, T_VM1]
     assert world.progress[-1] == {"dataset": VM1, "target": TARGET, "bytes": 4096, "total": 3153920, "done": True}
 
 
@@ -842,8 +843,8 @@ def test_replicate_many_end_to_end(world: World, real_redis: Any) -> None:
         ["zfs", "send", "-w", "-I", f"{VM3}@{H1}", f"{VM3}@{H3}"],
     ]
     assert {tuple(t.remote_command) for t in world.pipeline.transfers} == {
-        ("zfs", "receive", "-u", "-s", T_VM1), ("zfs", "receive", "-u", "-s", T_WEB),
-        ("zfs", "receive", "-u", "-s", T_VM3),
+        ("zfs", "receive", "-u", "-s", *MARKS, T_VM1), ("zfs", "receive", "-u", "-s", *MARKS, T_WEB),
+        ("zfs", "receive", "-u", "-s", *MARKS, T_VM3),
     }
     assert destructive(world.log) == []
     assert ["zfs", "set", f"hoster-tasks:parent={NODE}", T_VM3] in world.tgt.calls

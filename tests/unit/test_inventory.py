@@ -1,0 +1,59 @@
+"""Which node a VM dataset belongs to, as the heartbeat publishes it and every task checks it (nodes.py).
+
+A copy whose receive was cut and that nobody marked (another tool's receive) must not be listed as the
+backup node's own VM: the CLI would route that VM's jobs there."""
+
+from __future__ import annotations
+
+import pytest
+from zfs_script import OPENZFS_USAGE, ZFS_FUSE_USAGE, Host
+
+from hoster_tasks import nodes
+from hoster_tasks.nodes import PARTLY_RECEIVED, VmInfo, vms_among
+from hoster_tasks.settings import Settings
+
+ROOT = "tank/vm"
+TOKEN = "1-8f3857a47-c0-789c6360640003"
+SETTINGS = Settings(node_name="backup1", datasets=[ROOT])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_probe_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nodes, "_resumable", {})
+
+
+def host(usage: str = OPENZFS_USAGE) -> Host:
+    h = Host("backup1", usage)
+    h.dataset(f"{ROOT}/own", mountpoint="/tank/vm/own")
+    h.dataset(f"{ROOT}/copy", mountpoint="/tank/vm/copy", **{"hoster-tasks:parent": "node1"})
+    h.dataset(f"{ROOT}/cutmarked", mountpoint="/tank/vm/cutmarked", receive_resume_token=TOKEN,
+              **{"hoster-tasks:parent": "node1"})
+    h.dataset(f"{ROOT}/cut", mountpoint="/tank/vm/cut", receive_resume_token=TOKEN)
+    return h
+
+
+def test_an_unmarked_copy_cut_midway_is_no_nodes_vm() -> None:
+    found = vms_among(host(), SETTINGS, [f"{ROOT}/{n}" for n in ("own", "copy", "cutmarked", "cut")])
+    assert found == [
+        VmInfo("own", f"{ROOT}/own", "backup1"),
+        VmInfo("copy", f"{ROOT}/copy", "node1"),
+        VmInfo("cutmarked", f"{ROOT}/cutmarked", "node1"),  # ours: marked by `receive -o` as it began
+        VmInfo("cut", f"{ROOT}/cut", PARTLY_RECEIVED),
+    ]
+
+
+def _gets(h: Host) -> list[list[str]]:
+    return [c for c in h.zfs_calls() if c[1:2] == ["get"]]
+
+
+def test_the_token_is_read_only_where_receives_are_resumable(monkeypatch: pytest.MonkeyPatch) -> None:
+    fuse = host(ZFS_FUSE_USAGE)  # zfs-fuse: no such property, and asking for it would fail the read
+    vms_among(fuse, SETTINGS, [f"{ROOT}/own"])
+    vms_among(fuse, SETTINGS, [f"{ROOT}/copy"])
+    assert len(_gets(fuse)) == 2 and not any("receive_resume_token" in ",".join(c) for c in _gets(fuse))
+    assert fuse.zfs_calls().count(["zfs"]) == 1  # probed once per host and zfs, not per read
+
+    monkeypatch.setattr(nodes, "_resumable", {})
+    openzfs = host()
+    vms_among(openzfs, SETTINGS, [f"{ROOT}/own"])
+    assert all("receive_resume_token" in ",".join(c) for c in _gets(openzfs))
