@@ -22,7 +22,10 @@ from hoster_tasks import keys
 from hoster_tasks.redis_conn import celery_urls
 from hoster_tasks.settings import Settings, get_settings
 
-TASK_MODULES = ["hoster_tasks.tasks.snapshot", "hoster_tasks.tasks.replication", "hoster_tasks.tasks.restore"]
+TASK_MODULES = [
+    "hoster_tasks.tasks.snapshot", "hoster_tasks.tasks.chain", "hoster_tasks.tasks.replicate_all",
+    "hoster_tasks.tasks.restore",
+]
 
 
 def make_app() -> Celery:

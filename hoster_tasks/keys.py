@@ -80,7 +80,7 @@ REQUEUED_TTL_SECONDS = 7 * 24 * 3600
 
 
 def job_queue(job_id: str) -> str:
-    """List: the datasets of a replicate-all job not yet taken by one of its lanes (tasks/replication.py)."""
+    """List: the datasets of a replicate-all job not yet taken by one of its lanes (tasks/replicate_all.py)."""
     return f"{PREFIX}:job-queue:{job_id}"
 
 

@@ -384,7 +384,7 @@ class LinkProgress(BaseModel):
 
 
 class JobRef(BaseModel):
-    """The replicate-all job a chain link runs for (tasks/replication.py): where its outcome goes, and what
+    """The replicate-all job a chain link runs for (tasks/replicate_all.py): where its outcome goes, and what
     re-runs the job if the link's worker dies."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)

@@ -1,7 +1,7 @@
 """replicate-all on one node: one batched listing per host for every dataset, and which of them need work.
 
 Datasets already in sync cost nothing more than their share of that listing. Each dataset with work then
-runs its own chain of links (`step | ... | finish`, tasks/replication.py), the same lifecycle as `vm
+runs its own chain of links (`step | ... | finish`, tasks/chain.py), the same lifecycle as `vm
 replicate`: it is locked and listed again under its lock (the plan must be made under the lock), then sent
 full and/or incremental in the same run: no second run is needed as in Hoster. A failure of one dataset (a
 lost lease included) stops that dataset only; a failure of the listing itself (target unreachable, host key

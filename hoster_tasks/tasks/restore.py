@@ -17,7 +17,7 @@ from hoster_tasks.requests import ChangeParentRequest, CiresetRequest, MoveReque
 from hoster_tasks.restore import RollbackOptions, rollback
 from hoster_tasks.snapshots import NodeContext
 from hoster_tasks.tasks.base import NodeTask
-from hoster_tasks.tasks.replication import ReplicationTask
+from hoster_tasks.tasks.chain import ReplicationTask
 from hoster_tasks.tasks.snapshot import _wait_busy
 from hoster_tasks.vmctl import vm_control
 

@@ -7,7 +7,8 @@ from typing import Any
 from hoster_tasks import keys
 from hoster_tasks.observability.crons import FANOUT_HEADER
 from hoster_tasks.requests import FinishRequest, StepRequest
-from hoster_tasks.tasks.replication import finish, replicate, replicate_all, step
+from hoster_tasks.tasks.chain import finish, replicate, step
+from hoster_tasks.tasks.replicate_all import replicate_all
 
 JOB = {"id": "job-1", "vms": ["vm1", "vm2"], "speed_limit": 5.0, "script_name": "nightly", "fanout": "f-9"}
 

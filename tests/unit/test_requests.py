@@ -250,7 +250,8 @@ def test_the_endpoint_must_be_one_of_this_workers_targets(clean_env: None) -> No
 
 
 def _registered_tasks() -> dict[str, Any]:
-    import hoster_tasks.tasks.replication  # noqa: F401 - registers the tasks
+    import hoster_tasks.tasks.chain  # noqa: F401 - registers the tasks
+    import hoster_tasks.tasks.replicate_all  # noqa: F401
     import hoster_tasks.tasks.restore  # noqa: F401
     import hoster_tasks.tasks.snapshot  # noqa: F401
     from hoster_tasks.celery_app import app
