@@ -23,7 +23,7 @@ from hoster_tasks import keys
 from hoster_tasks.errors import HosterTasksError, NoLiveNode, ReadOnlyCopy, UnknownVM
 from hoster_tasks.failed import FailedReplication, Retry, failed_replications
 from hoster_tasks.names import validate_node_name
-from hoster_tasks.nodes import NodeInfo, live_nodes, locate_vm
+from hoster_tasks.nodes import NodeInfo, locate_vm, require_live
 from hoster_tasks.redis_conn import client_from_url
 from hoster_tasks.requests import (
     ChangeParentRequest,
@@ -69,10 +69,7 @@ class Client:
         return self.app.send_task(name, args=list(args), kwargs=kwargs, queue=keys.node_queue(node))
 
     def nodes(self) -> list[NodeInfo]:
-        nodes = live_nodes(self.redis)
-        if not nodes:
-            raise NoLiveNode("no live worker node is registered in Redis: start `hoster-tasks worker` on a node")
-        return nodes
+        return require_live(self.redis)
 
     def snapshot(self, vm: str, stype: str = "custom", keep: int | None = None) -> AsyncResult:
         req = TakeRequest.of(vm=vm, stype=stype, keep=keep)
@@ -83,14 +80,6 @@ class Client:
         req = TakeAllRequest.of(stype=stype, keep=keep)
         names = [validate_node_name(node)] if node else [n.name for n in self.nodes()]
         return {n: self._send(TAKE_ALL, n, req.stype, req.keep) for n in names}
-
-    def list_snapshots(self, vm: str | None = None, timeout: float = 60) -> list[dict[str, Any]]:
-        req = ListRequest.of(vm=vm)
-        if req.vm is not None:
-            node, _ = locate_vm(self.redis, req.vm)
-            return list(self._send(LIST, node.name, req.vm).get(timeout=timeout))
-        pending = [self._send(LIST, n.name) for n in self.nodes()]
-        return [row for r in pending for row in r.get(timeout=timeout)]
 
     def destroy(self, snapshot: str) -> AsyncResult:
         req = DestroyRequest.of(snapshot=snapshot)

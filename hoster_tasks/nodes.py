@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import redis
 from redis.typing import EncodableT, FieldT
@@ -18,12 +19,14 @@ from hoster_tasks import __version__, keys
 from hoster_tasks.errors import NoLiveNode, ReadOnlyCopy, UnknownVM, zfs_error
 from hoster_tasks.hoster_config import is_this_host, parent_host
 from hoster_tasks.names import validate_vm, vm_of
-from hoster_tasks.settings import Settings
 from hoster_tasks.zfs import commands as cmd
 from hoster_tasks.zfs import ops
 from hoster_tasks.zfs.parse import parse_get
 from hoster_tasks.zfs.probe import probe
 from hoster_tasks.zfs.shell import Shell
+
+if TYPE_CHECKING:  # annotations only: the CLI's light path imports this module without pydantic
+    from hoster_tasks.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,14 @@ def live_nodes(client: redis.Redis) -> list[NodeInfo]:
     return out
 
 
+def require_live(client: redis.Redis) -> list[NodeInfo]:
+    """The live nodes; NoLiveNode when there is none (nothing can run a task)."""
+    nodes = live_nodes(client)
+    if not nodes:
+        raise NoLiveNode("no live worker node is registered in Redis: start `hoster-tasks worker` on a node")
+    return nodes
+
+
 def known_nodes(client: redis.Redis) -> list[str]:
     return sorted(_text(n) for n in client.smembers(keys.NODES_SET))
 
@@ -146,9 +157,7 @@ def known_nodes(client: redis.Redis) -> list[str]:
 def locate_vm(client: redis.Redis, vm: str) -> tuple[NodeInfo, VmInfo]:
     """The live node that owns `vm` (a backup copy elsewhere does not count)."""
     validate_vm(vm)
-    nodes = live_nodes(client)
-    if not nodes:
-        raise NoLiveNode("no live worker node is registered in Redis: start `hoster-tasks worker` on a node")
+    nodes = require_live(client)
     for node in nodes:
         for info in node.vms:
             if info.name == vm and info.parent == node.name:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from hoster_tasks.config_file import DEFAULT_REDIS_URL, config_file_values
 from hoster_tasks.errors import ConfigError
 from hoster_tasks.keys import BEAT_LOCK
 from hoster_tasks.names import SNAPSHOT_TYPES, validate_dataset, validate_node_name
@@ -122,7 +122,7 @@ DEFAULT_SNAPSHOT_SCHEDULE = {
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOSTER_", extra="forbid", frozen=True)
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = DEFAULT_REDIS_URL
     node_name: str = Field(default_factory=lambda: socket.gethostname().split(".")[0])
     # Hoster's active_datasets: each VM is a child dataset <root>/<vm>.
     datasets: list[str] = Field(default_factory=lambda: ["zroot/vm-encrypted"])
@@ -253,18 +253,7 @@ class _TomlFile(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("HOSTER_CONFIG")
-        if not path:
-            return {}
-        import tomllib
-
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        # env wins whole: a table given in the environment replaces the file's, it is not merged into it
-        return {k: v for k, v in data.items() if f"HOSTER_{k.upper()}" not in os.environ}
+        return config_file_values()
 
 
 @lru_cache(maxsize=1)

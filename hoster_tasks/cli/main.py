@@ -187,7 +187,25 @@ def _rollback(client: Any, args: argparse.Namespace, timeout: float) -> int:
     return 0
 
 
+def _list_light(args: argparse.Namespace) -> int:
+    """`snapshot list` / `list-all` without Celery or pydantic (light_client.py): the operator's quickest wait."""
+    from hoster_tasks.cli.table import snapshot_table
+    from hoster_tasks.light_client import LightClient, LightSettings
+    from hoster_tasks.names import validate_vm
+
+    vm = validate_vm(args.vm) if args.cmd == "list" else None  # before any connection
+    client = LightClient(LightSettings.from_env())
+    try:
+        rows = client.list_snapshots(vm)
+    finally:
+        client.close()
+    _print(rows, args.json, snapshot_table)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads best here
+    if args.group == "snapshot" and args.cmd in ("list", "list-all"):
+        return _list_light(args)
     from hoster_tasks.settings import get_settings
 
     if args.group == "config":  # reports invalid settings as one of its checks: before they are loaded
@@ -226,7 +244,6 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads 
             sys.stdout.write(text)
         return 0
 
-    from hoster_tasks.cli.table import snapshot_table
     from hoster_tasks.client import Client
 
     client = Client(settings)
@@ -243,9 +260,6 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - a flat dispatch reads 
                 if out is not None:
                     print(f"[{node}]")
                     _print(out, args.json, _summary)
-        elif args.cmd in ("list", "list-all"):
-            rows = client.list_snapshots(args.vm if args.cmd == "list" else None)
-            _print(rows, args.json, snapshot_table)
         elif args.cmd == "destroy":
             out = _wait(client.destroy(args.snapshot), args, timeout)
             if out is not None:
@@ -311,16 +325,16 @@ def describe_error(exc: BaseException) -> str:
     from hoster_tasks.errors import HosterTasksError
 
     if isinstance(exc, redis.ConnectionError | OperationalError):
-        from hoster_tasks.settings import get_settings
+        from hoster_tasks.light_client import LightSettings
 
-        url = get_settings().redis_url
+        url = LightSettings.from_env().redis_url  # resolved as the settings resolve it, without pydantic
         safe = url.split("@")[-1] if "@" in url else url.split("//")[-1]
         return f"cannot reach the broker (Redis at {safe}): {exc}"
     if isinstance(exc, HosterTasksError):
         return str(exc)
     from celery.exceptions import TimeoutError as CeleryTimeout
 
-    if isinstance(exc, CeleryTimeout):
+    if isinstance(exc, CeleryTimeout | TimeoutError):
         return "timed out waiting for the task (it may still be running; see `hoster-tasks status`)"
     return f"{type(exc).__name__}: {exc}"
 

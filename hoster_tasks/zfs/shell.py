@@ -12,10 +12,12 @@ import subprocess
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hoster_tasks.errors import CommandFailed, ConnectionLost, zfs_error
-from hoster_tasks.settings import Endpoint
+
+if TYPE_CHECKING:  # annotations only: the CLI's light path imports this module without pydantic
+    from hoster_tasks.settings import Endpoint
 
 DEFAULT_TIMEOUT = 120.0
 

@@ -153,17 +153,26 @@ def test_invalid_settings_is_one_line(
 ) -> None:
     monkeypatch.setenv("HOSTER_LOCK_LEASE_SECONDS", "-1")
     monkeypatch.setenv("HOSTER_RETRY_MAX", "many")
-    code = main(["snapshot", "list-all"])
+    code = main(["snapshot", "new", "vm1"])  # (`snapshot list` reads only redis_url: see the light path's test)
     assert code == 1
     line = _one_error_line(capsys.readouterr().err)
     assert "lock_lease_seconds" in line and "retry_max" in line
+
+
+def test_the_light_path_refuses_an_invalid_redis_url_in_one_line(
+    cli_env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOSTER_REDIS_URL", "sentinel://")
+    code = main(["snapshot", "list-all"])
+    assert code == 1
+    assert "invalid settings: redis_url" in _one_error_line(capsys.readouterr().err)
 
 
 def test_invalid_settings_exit_1_without_traceback(
     cli_env: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HOSTER_LOCK_LEASE_SECONDS", "-1")
-    code = main(["snapshot", "list-all"])
+    code = main(["snapshot", "new", "vm1"])
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("hoster-tasks: error: invalid settings:")

@@ -345,7 +345,6 @@ def client(clean_env: None) -> Any:
         ("replicate_all", ReplicateAllRequest, ["backup1"], {"vms": []}),
         ("replicate_all", ReplicateAllRequest, ["backup1"], {"script_name": "$(id)"}),
         ("destroy", DestroyRequest, ["p/d@x;rm"], {}),
-        ("list_snapshots", ListRequest, [""], {}),
     ],
 )
 def test_the_client_refuses_with_the_workers_message(
