@@ -58,14 +58,16 @@ def _receives(copy: str) -> list[Proc]:
 
 def _transfer(vm: str, copy: str) -> set[int] | None:
     """Once the transfer streams: the pids of everything its worker process started for it (zfs send, pv,
-    ssh, and whatever else, e.g. a watchdog) and of the target's receive."""
+    ssh, and whatever else) and of the target's receive. Not the lease watchdog: a worker process keeps it
+    from one transfer to the next (hoster_tasks/replication/watchdog.py), it is what stops the others."""
     procs = _procs()
     send = next((p for p in procs if p.argv[:2] == ("zfs", "send")
                  and any(a == vm or a.startswith(f"{vm}@") for a in p.argv[2:])), None)
     receives = _receives(copy)
     if send is None or not receives:
         return None
-    started = {p.pid for p in procs if p.ppid == send.ppid}  # the stages are children of the task's process
+    started = {p.pid for p in procs if p.ppid == send.ppid  # the stages are children of the task's process
+               and "hoster_tasks.replication.watchdog" not in p.argv}
     assert any(p.argv[0] == "pv" for p in procs if p.pid in started)
     assert any(p.argv[0] == "ssh" for p in procs if p.pid in started)
     return started | {p.pid for p in receives}

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
-from collections.abc import Iterator
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -132,6 +135,13 @@ SLOW_SEND = ["head", "-c", "50000000", "/dev/zero"]  # 500 s at 0.1 MB/s: it onl
 RECEIVE = ["sh", "-c", "cat >/dev/null"]
 
 
+def wait_for(condition: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def dead_redis() -> Iterator[str]:
     """A Redis URL nothing answers on (a port bound and never listened on)."""
@@ -161,15 +171,56 @@ def test_the_watchdog_stops_a_transfer_whose_lease_ran_out(dead_redis: str) -> N
     # timeout: only a safety net; reaching it fails the test (a stage error, not LockLost)
     with pytest.raises(LockLost, match="Redis stayed unreachable until its lease ran out"):
         run_pipeline(Stage(SLOW_SEND, "local"), Stage(RECEIVE, "t"), speed_limit_mb=0.1, lease=spec, timeout=60)
-    assert _watchdogs_of_this_process() == []
+    kept = _watchdogs_of_this_process()
+    assert len(kept) <= 1  # kept for the next transfer, which it serves:
+    quick = LeaseWatch(dead_redis, LOCKS, lease_seconds=60.0, interval=20.0)
+    assert run_pipeline(Stage(["head", "-c", "1000", "/dev/zero"], "local"), Stage(RECEIVE, "t"), lease=quick).bytes
+    assert _watchdogs_of_this_process() == kept or len(_watchdogs_of_this_process()) == 1
 
 
 @needs_pv
-def test_a_transfer_that_ends_in_its_lease_is_not_disturbed(dead_redis: str) -> None:
+def test_a_transfer_that_ends_in_its_lease_is_not_disturbed_and_its_watchdog_is_kept(dead_redis: str) -> None:
     spec = LeaseWatch(dead_redis, LOCKS, lease_seconds=60.0, interval=20.0)
     result = run_pipeline(Stage(["head", "-c", "100000", "/dev/zero"], "local"), Stage(RECEIVE, "t"), lease=spec)
     assert result.bytes == 100000
-    assert _watchdogs_of_this_process() == []  # stopped with the stages, not left behind
+    [kept] = _watchdogs_of_this_process()  # one, idle: the next transfer's
+    again = run_pipeline(Stage(["head", "-c", "1000", "/dev/zero"], "local"), Stage(RECEIVE, "t"), lease=spec)
+    assert again.bytes == 1000
+    assert _watchdogs_of_this_process() == [kept]  # the same process served it: no new start-up
+
+
+def test_after_ended_it_kills_nothing_of_that_transfer(dead_redis: str) -> None:
+    """The guarantee the parent reaps the stages on: once `stop` returned, a lease running out afterwards
+    (Redis unreachable from the start: 1 s) kills nothing, whatever now has those process groups."""
+    sleeper = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        dog = Watchdog(LeaseWatch(dead_redis, LOCKS, lease_seconds=1.0, interval=0.3))
+        dog.guard([sleeper.pid])
+        assert dog.stop() is None
+        time.sleep(2.0)  # twice the lease: a watch still running would have killed it by now
+        assert sleeper.poll() is None
+        dog = Watchdog(LeaseWatch(dead_redis, LOCKS, lease_seconds=1.0, interval=0.3))
+        dog.guard([sleeper.pid])
+        wait_for(dog.exited, 10)  # while watched, the same lapse kills it
+        assert isinstance(dog.stop(), LockLost)
+        assert sleeper.wait(10) == -signal.SIGKILL
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_kept_watchdog_that_died_is_replaced(dead_redis: str) -> None:
+    spec = LeaseWatch(dead_redis, LOCKS, lease_seconds=60.0, interval=20.0)
+    first = Watchdog(spec)
+    assert first.stop() is None
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.proc.wait()
+    second = Watchdog(spec)
+    try:
+        assert second.proc.pid != first.proc.pid and second.proc.poll() is None
+    finally:
+        assert second.stop() is None
 
 
 @needs_pv
