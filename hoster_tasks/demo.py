@@ -78,7 +78,8 @@ def _pings(client: object) -> bool:
 def start_zfs(stack: ExitStack) -> None:
     if subprocess.run(["pgrep", "-x", "zfs-fuse"], capture_output=True).returncode != 0:
         pidfile = SANDBOX / "zfs-fuse.pid"
-        subprocess.run(["zfs-fuse", "--pidfile", str(pidfile)], check=True)
+        pidfile.unlink(missing_ok=True)  # no zfs-fuse runs: a pidfile left by a killed demo is stale, and zfs-fuse
+        subprocess.run(["zfs-fuse", "--pidfile", str(pidfile)], check=True)  # refuses to start beside one
         stack.callback(_stop_pid, pidfile)  # the daemon we started, by its pid: never another's by name
     _wait("zfs-fuse", lambda: subprocess.run(["zpool", "list"], capture_output=True).returncode == 0)
     for pool in (POOL, BACKUP):
