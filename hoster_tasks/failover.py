@@ -60,7 +60,8 @@ def change_parent(ctx: NodeContext, ctl: VmControl, vm: VmInfo, live: Sequence[N
         mountpoint = ops.get_properties(ctx.shell, [vm.dataset], ["mountpoint"], zfs=ctx.zfs)
         hoster_file = set_parent_host(mountpoint.get(vm.dataset, {}).get("mountpoint", "-"), node)
         record_owner(ctx.redis, vm.name, node, vm.parent)
-    publish(ctx.redis, ctx.settings, inventory(ctx.shell, ctx.settings), time.time())  # clients route here now
+    vms = inventory(ctx.shell, ctx.settings, ctx.caps)
+    publish(ctx.redis, ctx.settings, vms, time.time())  # clients route here now
     reset = ctl.cireset(vm.name) if cireset else None  # Hoster's job: guest settings for the new host
     if start:
         ctl.start(vm.name)
@@ -110,5 +111,6 @@ def hand_over(ctx: NodeContext, ctl: VmControl, vm: VmInfo, rep: Replicator, liv
         if running:
             ctl.start(vm.name)  # the move did not happen: the VM must not stay down
         raise
-    publish(ctx.redis, ctx.settings, inventory(ctx.shell, ctx.settings), time.time())  # not the owner any more
+    vms = inventory(ctx.shell, ctx.settings, ctx.caps)
+    publish(ctx.redis, ctx.settings, vms, time.time())  # not the owner any more
     return {"vm": vm.name, "to": to, "was_running": running, "sent": sent["sent"], "bytes": sent["bytes"]}

@@ -22,7 +22,7 @@ from hoster_tasks.names import validate_vm, vm_of
 from hoster_tasks.zfs import commands as cmd
 from hoster_tasks.zfs import ops
 from hoster_tasks.zfs.parse import parse_get
-from hoster_tasks.zfs.probe import probe
+from hoster_tasks.zfs.probe import Capabilities, probe
 from hoster_tasks.zfs.shell import Shell
 
 if TYPE_CHECKING:  # annotations only: the CLI's light path imports this module without pydantic
@@ -51,23 +51,23 @@ class NodeInfo:
 PARTLY_RECEIVED = "(partly received)"  # the parent of an unmarked copy whose receive was cut: no node's VM
 
 
-def inventory(shell: Shell, settings: Settings) -> list[VmInfo]:
+def inventory(shell: Shell, settings: Settings, caps: Capabilities) -> list[VmInfo]:
     """The VM datasets under the configured roots, with their parent node (one batched property read):
     `hoster-tasks:parent`, else Hoster's `parent_host` in the VM's vm_config.json, else this node."""
     datasets = ops.child_datasets(shell, settings.datasets, settings.zfs_command)
-    props = ops.get_properties(shell, datasets, _vm_props(shell, settings), zfs=settings.zfs_command)
+    props = ops.get_properties(shell, datasets, _vm_props(caps), zfs=settings.zfs_command)
     return [VmInfo(vm, ds, _parent(props.get(ds, {}), settings.node_name))
             for ds in datasets if (vm := vm_of(ds, settings.datasets)) is not None]
 
 
-def vms_among(shell: Shell, settings: Settings, datasets: Sequence[str]) -> list[VmInfo]:
+def vms_among(shell: Shell, settings: Settings, caps: Capabilities, datasets: Sequence[str]) -> list[VmInfo]:
     """`inventory`, for the given datasets only: one property read of exactly these, not a listing of every
     VM root (what a task that already knows its dataset needs). A dataset that does not exist, or is not a
     VM (a direct child of a root), is left out."""
     wanted = [ds for ds in dict.fromkeys(datasets) if vm_of(ds, settings.datasets) is not None]
     if not wanted:
         return []
-    argv = cmd.get_props(wanted, _vm_props(shell, settings), False, settings.zfs_command)
+    argv = cmd.get_props(wanted, _vm_props(caps), False, settings.zfs_command)
     result = shell.run(argv, check=False)
     errors = [line for line in result.stderr.splitlines() if line.strip() and "does not exist" not in line]
     if result.exit_code != 0 and errors:
@@ -77,15 +77,10 @@ def vms_among(shell: Shell, settings: Settings, datasets: Sequence[str]) -> list
             for ds in wanted if (found := props.get(ds)) is not None and (vm := vm_of(ds, settings.datasets))]
 
 
-_resumable: dict[tuple[str, str], bool] = {}  # (host, zfs) -> has resumable receives; a host's ZFS stays put
-
-
-def _vm_props(shell: Shell, settings: Settings) -> list[str]:
+def _vm_props(caps: Capabilities) -> list[str]:
+    """What tells a VM's parent; the resume token only where the ZFS has it (zfs-fuse refuses the name)."""
     props = [ops.PARENT_PROPERTY, "mountpoint"]
-    key = (shell.host, settings.zfs_command)
-    if key not in _resumable:
-        _resumable[key] = probe(shell, settings.zfs_command).resumable
-    return [*props, ops.RESUME_TOKEN] if _resumable[key] else props
+    return [*props, ops.RESUME_TOKEN] if caps.resumable else props
 
 
 def _parent(found: dict[str, str], node_name: str) -> str:
@@ -195,11 +190,14 @@ class Heartbeat:
 
     def __init__(self, client: redis.Redis, settings: Settings, shell: Shell) -> None:
         self.client, self.settings, self.shell = client, settings, shell
+        self._caps: Capabilities | None = None  # probed at the first beat (a failed probe is tried again)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="node-heartbeat", daemon=True)
 
     def beat_once(self) -> None:
-        vms = inventory(self.shell, self.settings)
+        if self._caps is None:
+            self._caps = probe(self.shell, self.settings.zfs_command)
+        vms = inventory(self.shell, self.settings, self._caps)
         stale = superseded(self.client, self.settings.node_name, vms)  # taken over while this node was away
         vms = [replace(v, parent=stale[v.name]) if v.name in stale else v for v in vms]
         publish(self.client, self.settings, vms, time.time())

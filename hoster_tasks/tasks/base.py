@@ -76,7 +76,8 @@ class NodeTask(PublicTask):
 
     def find_vm(self, vm: str) -> VmInfo:
         validate_vm(vm)  # then read only the datasets it can be (one per root), not every VM of the node
-        for info in vms_among(self.shell, self.settings, [f"{root}/{vm}" for root in self.settings.datasets]):
+        candidates = [f"{root}/{vm}" for root in self.settings.datasets]
+        for info in vms_among(self.shell, self.settings, self.caps, candidates):
             return info
         raise UnknownVM(f"unknown VM {vm!r} on node {self.settings.node_name}")
 
@@ -105,7 +106,7 @@ class NodeTask(PublicTask):
                                f"{info.parent!r}'s VM {info.name}: it is read-only here")
 
     def owned_dataset(self, dataset: str) -> VmInfo:
-        for info in vms_among(self.shell, self.settings, [dataset]):
+        for info in vms_among(self.shell, self.settings, self.caps, [dataset]):
             self.check_owned(info)
             return info
         raise UnknownVM(f"{dataset!r} is not a VM dataset on node {self.settings.node_name}")

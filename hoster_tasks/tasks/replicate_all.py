@@ -52,7 +52,7 @@ def replicate_all(
     job: dict[str, Any] = {"id": self.request.id, "vms": vms, "speed_limit": speed_limit,
                            "script_name": script_name, "fanout": fanout_of(self.request)}
     try:
-        found = inventory(self.shell, self.settings)
+        found = inventory(self.shell, self.settings, self.caps)
         unknown = sorted(set(vms or []) - {v.name for v in found})
         if unknown:
             raise UnknownVM(f"unknown VM(s) on node {self.settings.node_name}: {', '.join(unknown)}")

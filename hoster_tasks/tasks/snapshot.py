@@ -67,7 +67,7 @@ def take_all(
     """Snapshot every VM this node owns (backup copies of other nodes' VMs are left alone), at once even
     while some replicate; their pruning is deferred to the replication's end (`deferred`). A dataset being
     rolled back is retried alone (`only`) until lock_wait_seconds."""
-    vms, stale = self.owned_vms(inventory(self.shell, self.settings))
+    vms, stale = self.owned_vms(inventory(self.shell, self.settings, self.caps))
     datasets = [v.dataset for v in vms if only is None or v.dataset in only]
     report_context(node=self.settings.node_name, dataset=",".join(datasets))
     try:
@@ -103,7 +103,7 @@ def fanout(self: Any, stype: str, keep: int, slot: int | None = None) -> dict[st
 def list_snapshots(self: NodeTask, vm: str | None = None) -> list[dict[str, Any]]:
     from hoster_tasks.zfs import ops
 
-    vms = [self.find_vm(vm)] if vm else inventory(self.shell, self.settings)
+    vms = [self.find_vm(vm)] if vm else inventory(self.shell, self.settings, self.caps)
     snaps = ops.list_snapshots(self.shell, [v.dataset for v in vms], self.caps, self.settings.zfs_command)
     rows = describe(snaps, {v.dataset: v.name for v in vms})
     for row in rows:
@@ -113,7 +113,7 @@ def list_snapshots(self: NodeTask, vm: str | None = None) -> list[dict[str, Any]
 
 @app.task(name="hoster.snapshot.destroy", base=NodeTask, bind=True, request_model=DestroyRequest)
 def destroy_snapshot(self: NodeTask, snapshot: str, first_try: float | None = None) -> dict[str, Any]:
-    found = inventory(self.shell, self.settings)
+    found = inventory(self.shell, self.settings, self.caps)
     for info in found:  # a snapshot of a backup copy is refused by name, before anything runs
         if snapshot.startswith(info.dataset + "@"):
             self.check_owned(info)

@@ -5,21 +5,15 @@ backup node's own VM: the CLI would route that VM's jobs there."""
 
 from __future__ import annotations
 
-import pytest
 from zfs_script import OPENZFS_USAGE, ZFS_FUSE_USAGE, Host
 
-from hoster_tasks import nodes
 from hoster_tasks.nodes import PARTLY_RECEIVED, VmInfo, vms_among
 from hoster_tasks.settings import Settings
+from hoster_tasks.zfs.probe import probe
 
 ROOT = "tank/vm"
 TOKEN = "1-8f3857a47-c0-789c6360640003"
 SETTINGS = Settings(node_name="backup1", datasets=[ROOT])
-
-
-@pytest.fixture(autouse=True)
-def _fresh_probe_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nodes, "_resumable", {})
 
 
 def host(usage: str = OPENZFS_USAGE) -> Host:
@@ -33,7 +27,8 @@ def host(usage: str = OPENZFS_USAGE) -> Host:
 
 
 def test_an_unmarked_copy_cut_midway_is_no_nodes_vm() -> None:
-    found = vms_among(host(), SETTINGS, [f"{ROOT}/{n}" for n in ("own", "copy", "cutmarked", "cut")])
+    h = host()
+    found = vms_among(h, SETTINGS, probe(h), [f"{ROOT}/{n}" for n in ("own", "copy", "cutmarked", "cut")])
     assert found == [
         VmInfo("own", f"{ROOT}/own", "backup1"),
         VmInfo("copy", f"{ROOT}/copy", "node1"),
@@ -46,14 +41,10 @@ def _gets(h: Host) -> list[list[str]]:
     return [c for c in h.zfs_calls() if c[1:2] == ["get"]]
 
 
-def test_the_token_is_read_only_where_receives_are_resumable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_token_is_read_only_where_receives_are_resumable() -> None:
     fuse = host(ZFS_FUSE_USAGE)  # zfs-fuse: no such property, and asking for it would fail the read
-    vms_among(fuse, SETTINGS, [f"{ROOT}/own"])
-    vms_among(fuse, SETTINGS, [f"{ROOT}/copy"])
-    assert len(_gets(fuse)) == 2 and not any("receive_resume_token" in ",".join(c) for c in _gets(fuse))
-    assert fuse.zfs_calls().count(["zfs"]) == 1  # probed once per host and zfs, not per read
-
-    monkeypatch.setattr(nodes, "_resumable", {})
+    vms_among(fuse, SETTINGS, probe(fuse), [f"{ROOT}/own"])
+    assert _gets(fuse) and not any("receive_resume_token" in ",".join(c) for c in _gets(fuse))
     openzfs = host()
-    vms_among(openzfs, SETTINGS, [f"{ROOT}/own"])
-    assert all("receive_resume_token" in ",".join(c) for c in _gets(openzfs))
+    vms_among(openzfs, SETTINGS, probe(openzfs), [f"{ROOT}/own"])
+    assert _gets(openzfs) and all("receive_resume_token" in ",".join(c) for c in _gets(openzfs))
