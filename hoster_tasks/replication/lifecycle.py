@@ -21,12 +21,8 @@ from hoster_tasks.settings import Endpoint
 from hoster_tasks.snapshots import run_deferred_prunes
 
 
-def new_progress(rep: Replicator, dataset: str) -> dict[str, Any]:
+def new_progress(endpoint: Endpoint, dataset: str) -> dict[str, Any]:
     """What a run reports (JSON: it travels from chain link to chain link)."""
-    return endpoint_progress(rep.endpoint, dataset)
-
-
-def endpoint_progress(endpoint: Endpoint, dataset: str) -> dict[str, Any]:
     return {"dataset": dataset, "target": endpoint.target_dataset(dataset), "target_host": endpoint.name,
             "action": "nothing", "sent": [], "bytes": 0, "seconds": 0.0, "complete": False}
 
@@ -66,7 +62,7 @@ def complete(rep: Replicator, dataset: str, source_lock: DatasetLock, after: Sid
 
 def replicate_one(rep: Replicator, dataset: str) -> dict[str, Any]:
     """Under both locks: every step, then complete. Returns what was done."""
-    progress = new_progress(rep, dataset)
+    progress = new_progress(rep.endpoint, dataset)
     src_lock, tgt_lock = rep.locks(dataset)
     with src_lock, tgt_lock:
         sides = advance(rep, dataset, progress)

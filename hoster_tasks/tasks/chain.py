@@ -229,7 +229,7 @@ def _step(
     rep.on_diverged = diverged
     if job is not None:  # a failure is recorded with the file it goes to: a later success clears it
         rep.error_name = error_name(rep.endpoint.name, job.get("script_name"))
-    acc = dict(prev) if prev else {**new_progress(rep, dataset), "speed_limit": speed_limit}
+    acc = dict(prev) if prev else {**new_progress(rep.endpoint, dataset), "speed_limit": speed_limit}
     src_lock, tgt_lock = rep.locks(dataset, chain_id)
     try:
         _claim(src_lock, tgt_lock, acc)

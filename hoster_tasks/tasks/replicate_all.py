@@ -22,7 +22,7 @@ from hoster_tasks.observability.crons import fanout_headers, fanout_of
 from hoster_tasks.observability.errorfile import JOB_LINE, error_name, update_errors
 from hoster_tasks.observability.sentry import report_context
 from hoster_tasks.redis_conn import client_from_url
-from hoster_tasks.replication.lifecycle import endpoint_progress
+from hoster_tasks.replication.lifecycle import new_progress
 from hoster_tasks.requests import (
     ReplicateAllDoneRequest,
     ReplicateAllRequest,
@@ -130,7 +130,7 @@ def _conclude(
     for ds in datasets:
         got = outcomes.get(ds)
         if got is None:
-            out["results"].append({**endpoint_progress(ep, ds), "complete": True})
+            out["results"].append({**new_progress(ep, ds), "complete": True})
         elif "error" in got:
             out["failed"].append(f"{ds}: {got['error']}")
             out["failed_datasets"].append(ds)

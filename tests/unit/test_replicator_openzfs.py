@@ -809,7 +809,7 @@ def replicate_many(rep: Any, datasets: list[str]) -> dict[str, Any]:
     for ds in datasets:
         try:
             out["results"].append(replicate_one(rep, ds) if ds in found.work
-                                  else {**new_progress(rep, ds), "complete": True})
+                                  else {**new_progress(rep.endpoint, ds), "complete": True})
         except HosterTasksError as exc:
             rep.record_failure(ds, str(exc))
             out["failed"].append(f"{ds}: {exc}")
