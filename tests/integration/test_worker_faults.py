@@ -73,6 +73,13 @@ def _transfer(vm: str, copy: str) -> set[int] | None:
     return started | {p.pid for p in receives}
 
 
+def _watchdogs(transfer: set[int]) -> set[int]:
+    """The lease watchdogs kept by the process that started `transfer`'s stages."""
+    procs = _procs()
+    parents = {p.ppid for p in procs if p.pid in transfer}
+    return {p.pid for p in procs if p.ppid in parents and "hoster_tasks.replication.watchdog" in p.argv}
+
+
 def _start_transfer(cli, vm: str, copy: str, endpoint: str, mib: int, speed: str) -> set[int]:  # type: ignore[no-untyped-def]
     hz.write_random(vm, mib)
     assert cli("snapshot", "new", "vm1").returncode == 0
@@ -87,12 +94,16 @@ def test_a_killed_worker_leaves_no_transfer_running(node_factory, pool_factory, 
                                              HOSTER_LOCK_LEASE_SECONDS=LEASE)
     vm, copy = psrc.ds(f"{VMS_ROOT}/vm1"), pdst.ds(f"{VMS_ROOT}/vm1")
     transfer = _start_transfer(cli, vm, copy, dst.name, mib=20, speed="0.5")  # 40 s at 0.5 MB/s
+    watchdogs = _watchdogs(transfer)
+    assert watchdogs  # the transfer is guarded
 
     worker.kill()  # SIGKILL to its whole process group; the stages run in sessions of their own
 
     wait_until(lambda: not _running(transfer), 20, "the killed worker's transfer to end",
                on_timeout=lambda: f"still running: {[p for p in _procs() if p.pid in transfer]}")
     assert _receives(copy) == []
+    # the kept watchdog (its own session too) dies with the worker process that kept it
+    wait_until(lambda: not _running(watchdogs), 20, "the killed worker's watchdog to end")
 
 
 def test_a_frozen_worker_s_transfer_is_stopped_once_its_lease_ran_out(
