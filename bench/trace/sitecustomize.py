@@ -2,8 +2,8 @@
 
 The bench starts the worker with PYTHONPATH=bench/trace and BENCH_TRACE_FILE=<file>; Python imports this
 module at start-up. It wraps, without changing what they do, the places where a replication spends its
-time: every local command (`LocalShell.run`), every control command over SSH (`SshShell.run`, noting the
-ones that had to open the Fabric connection first), each data pipeline (`run_pipeline`), the dataset locks
+time: every local command (`LocalShell.run`), every control command over SSH (`SshShell._run_on`, noting
+the ones that had to open the Fabric connection first), each data pipeline (`run_pipeline`), the dataset locks
 (acquire/release) and each Celery task (prerun/postrun). One JSON line per event goes to the trace file.
 """
 
@@ -12,12 +12,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import threading
 import time
+import types
 from typing import Any
 
 _PATH = os.environ.get("BENCH_TRACE_FILE")
-_state = threading.local()
+# per process, not per thread: a prefork child runs one task at a time, and a task's commands may run in
+# helper threads (both sides at once), which must count for that task
+_state = types.SimpleNamespace(task=None)
 
 
 def _write(event: dict[str, Any]) -> None:
@@ -62,10 +64,11 @@ def _install() -> None:
     shell.LocalShell.run = _timed("local", lambda self, argv, *a, **k: {"what": _argv(argv)})(  # type: ignore[method-assign]
         shell.LocalShell.run
     )
-    shell.SshShell.run = _timed(  # type: ignore[method-assign]
+    shell.SshShell._run_on = _timed(  # type: ignore[method-assign]
         "ssh",
-        lambda self, argv, *a, **k: {"what": _argv(argv), "kind": "ssh+connect" if self._conn is None else "ssh"},
-    )(shell.SshShell.run)
+        lambda self, conn, argv, *a, **k: {"what": _argv(argv),
+                                           "kind": "ssh" if conn.is_connected else "ssh+connect"},
+    )(shell.SshShell._run_on)
     replicator.run_pipeline = _timed(  # type: ignore[attr-defined]
         "pipeline", lambda send, receive, *a, **k: {"what": _argv(send.argv)}
     )(replicator.run_pipeline)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 from hoster_tasks import failed, keys
 from hoster_tasks.errors import (
@@ -42,9 +42,11 @@ from hoster_tasks.zfs import commands as cmd
 from hoster_tasks.zfs import ops
 from hoster_tasks.zfs.parse import Snapshot, bookmarks_from_get, parse_get, parse_send_size, snapshots_from_get
 from hoster_tasks.zfs.probe import Capabilities, probe
-from hoster_tasks.zfs.shell import Shell, shell_for
+from hoster_tasks.zfs.shell import Result, Shell, run_many, shell_for
 
 ProgressFn = Callable[[dict[str, Any]], None]
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 @dataclass(frozen=True)
@@ -122,16 +124,17 @@ class Replicator:
             lock.check()
 
     # -- listing -------------------------------------------------------------------------------------
-    def list_sides(self, datasets: Sequence[str]) -> Sides:
+    def list_sides(self, datasets: Sequence[str], check_receive: bool = False) -> Sides:
+        """One listing per side, both at once (the slower side sets the pace). `check_receive`: first refuse
+        a dataset a `zfs receive` is running into (`_refuse_receiving`), read in the same round trip."""
         src_props = ops.snapshot_props(self.ctx.caps) + (ops.base_property(self.endpoint.name),)
         if self.ctx.caps.raw_send:
             src_props += ("encryption",)
-        # both sides at once: the local listing runs while the target answers (the floor is the slower one)
-        with ThreadPoolExecutor(1, thread_name_prefix="list-local") as pool:
-            local = pool.submit(ops.get_properties, self.ctx.shell, datasets, src_props, True, self.ctx.zfs)
-            targets = [self.endpoint.target_dataset(ds) for ds in datasets]
-            tgt_raw, missing = self._list_target(targets)
-            raw = local.result()
+        targets = [self.endpoint.target_dataset(ds) for ds in datasets]
+        raw, (tgt_raw, missing) = at_once(
+            lambda: ops.get_properties(self.ctx.shell, datasets, src_props, True, self.ctx.zfs),
+            lambda: self._list_target(datasets, check_receive),
+        )
         by_dataset = snapshots_from_get(raw)
         source = {ds: by_dataset.get(ds, []) for ds in datasets}
         found = snapshots_from_get(tgt_raw)
@@ -140,12 +143,17 @@ class Replicator:
         return Sides(source, {ds: raw.get(ds, {}) for ds in datasets}, target,
                      {t: tgt_raw.get(t, {}) for t in targets}, {ds: marks.get(ds, []) for ds in datasets})
 
-    def _list_target(self, targets: Sequence[str]) -> tuple[dict[str, dict[str, str]], set[str]]:
+    def _list_target(self, datasets: Sequence[str], check_receive: bool) -> tuple[dict[str, dict[str, str]], set[str]]:
+        targets = [self.endpoint.target_dataset(ds) for ds in datasets]
         props = ops.snapshot_props(self.target_caps) + (ops.PARENT_PROPERTY,)
         if self.target_caps.resumable:
             props += (ops.RESUME_TOKEN,)
         argv = cmd.get_props(targets, props, recursive=True, zfs=self.ctx.zfs)
-        result = self.target_shell.run(argv, check=False)
+        if check_receive:
+            ps, result = run_many(self.target_shell, [cmd.process_args(), argv], check=False)
+            self._refuse_receiving(ps, datasets)
+        else:
+            result = self.target_shell.run(argv, check=False)
         missing = {t for t in targets if f"'{t}'" in result.stderr and "does not exist" in result.stderr}
         other_errors = [
             line for line in result.stderr.splitlines()
@@ -181,8 +189,7 @@ class Replicator:
     def prepare(self, dataset: str) -> tuple[Sides, Plan, int]:
         """Under the locks: list both sides, check the copy is ours to write, finish an interrupted receive
         (or abort it), then plan from a fresh listing. Returns the bytes resumed."""
-        self.check_receive_idle(dataset)
-        sides = self.list_sides([dataset])
+        sides = self.list_sides([dataset], check_receive=True)
         self.check_owner(dataset, sides)  # before resume: a foreign copy's partial receive is not ours either
         had_token = self._token(dataset, sides) is not None
         resumed = self.resume(dataset, sides)
@@ -223,15 +230,18 @@ class Replicator:
             return sides
         return self.list_sides([dataset])
 
-    def check_receive_idle(self, dataset: str) -> None:
-        """Busy (retried later), never diverged, while a `zfs receive` into the target runs there: a transfer
+    def _refuse_receiving(self, ps: Result, datasets: Sequence[str]) -> None:
+        """Busy (retried later), never diverged, while a `zfs receive` into a target runs there: a transfer
         that outlived its worker's lease, or another tool's, whose half-received dataset would look diverged.
         Syncoid checks the same before it starts."""
-        target = self.endpoint.target_dataset(dataset)
-        if receive_in_progress(self.target_shell.run(cmd.process_args()).stdout, target):
-            raise ReceiveInProgress(
-                f"target {self.endpoint.name}:{target} has a zfs receive in progress; retrying later", [dataset]
-            )
+        if ps.exit_code != 0:
+            raise zfs_error(ps.argv, ps.exit_code, ps.stderr, self.target_shell.host)
+        for dataset in datasets:
+            target = self.endpoint.target_dataset(dataset)
+            if receive_in_progress(ps.stdout, target):
+                raise ReceiveInProgress(
+                    f"target {self.endpoint.name}:{target} has a zfs receive in progress; retrying later", [dataset]
+                )
 
     # -- data path -----------------------------------------------------------------------------------
     def send_step(self, dataset: str, step: Step, sides: Sides) -> PipelineResult:
@@ -340,23 +350,44 @@ class Replicator:
         """Record `base` as the newest common snapshot, hold it on both sides and mark the copy as ours.
 
         Runs after every send step, before the step returns: a run that stops after its first link never
-        leaves the snapshot it sent prunable (retention reads the recorded base). Returns `sides` as they
-        are now; writes nothing when all of it is already so.
+        leaves the snapshot it sent prunable (retention reads the recorded base). The two sides work at the
+        same time, in two phases: record and hold the new base; then, only once both sides hold it, release
+        the old one (so at every moment one common snapshot is held on both), bookmark and mark the copy.
+        Returns `sides` as they are now; writes nothing when all of it is already so.
         """
         target = self.endpoint.target_dataset(dataset)
         prop = ops.base_property(self.endpoint.name)
         old_guid = sides.source_props.get(dataset, {}).get(prop, "-")
         moved = old_guid != str(base.guid)
-        released: set[int] = set()
-        if moved:
+        hold = self._holds() and (moved or self.base_unheld(dataset, sides))
+        if moved or hold:
             self.guard()
-            ops.set_property(self.ctx.shell, dataset, prop, str(base.guid), self.ctx.zfs)
-        if moved or self.base_unheld(dataset, sides):
-            released = self._move_holds(dataset, base, old_guid, sides)
-        self._bookmark_base(dataset, base, sides)  # also when a run died between recording it and this
-        marked = self._mark_copy(target, sides)
+
+        def record_and_hold() -> None:
+            if moved:
+                ops.set_property(self.ctx.shell, dataset, prop, str(base.guid), self.ctx.zfs)
+            if hold:
+                self._hold(self.ctx.shell, base.full)
+
+        at_once(record_and_hold, lambda: self._hold(self.target_shell, f"{target}@{base.name}") if hold else None)
+        old = int(old_guid) if hold and old_guid.isdigit() and int(old_guid) != base.guid else None
+        # by each side's own listing: the old base may be gone from the source (a bookmark run)
+        old_src, old_tgt = _by_guid(sides.source[dataset], old), _by_guid(sides.target.get(target), old)
+
+        def release_and_bookmark() -> None:
+            if old_src is not None:
+                self._release(self.ctx.shell, old_src.full)
+            self._bookmark_base(dataset, base, sides)  # also when a run died between recording it and this
+
+        def release_and_mark() -> dict[str, str]:
+            if old_tgt is not None:
+                self._release(self.target_shell, old_tgt.full)
+            return self._mark_copy(target, sides)
+
+        _, marked = at_once(release_and_bookmark, release_and_mark)
         src_props = {**sides.source_props, dataset: {**sides.source_props.get(dataset, {}), prop: str(base.guid)}}
         tgt_props = {**sides.target_props, target: {**sides.target_props.get(target, {}), **marked}}
+        released = {old} if old is not None else set()
         return _without_holds(replace(sides, source_props=src_props, target_props=tgt_props), target, released)
 
     def _bookmark_base(self, dataset: str, base: Snapshot, sides: Sides) -> None:
@@ -401,7 +432,7 @@ class Replicator:
 
     def base_unheld(self, dataset: str, sides: Sides) -> bool:
         """True where holds exist but the recorded base lacks ours on either side (a run that died midway)."""
-        if not (self.ctx.caps.holds and self.target_caps.holds):
+        if not self._holds():
             return False
         recorded = sides.source_props.get(dataset, {}).get(ops.base_property(self.endpoint.name), "-")
         both = (sides.source[dataset], sides.target.get(self.endpoint.target_dataset(dataset)) or [])
@@ -415,28 +446,17 @@ class Replicator:
             raise Diverged(f"after the transfer {dataset} has no snapshot in common with {self.endpoint.name}")
         return common[-1]
 
-    def _move_holds(self, dataset: str, base: Snapshot, old_guid: str, sides: Sides) -> set[int]:
-        """Hold the new base on both sides, release the old one; returns the GUIDs released.
+    def _holds(self) -> bool:
+        return self.ctx.caps.holds and self.target_caps.holds
 
-        Names come from the source listing (the target's may predate the transfer): a snapshot received
-        into the target keeps its short name."""
-        if not (self.ctx.caps.holds and self.target_caps.holds):
-            return set()
-        target = self.endpoint.target_dataset(dataset)
-        self.guard()
-        for shell, full in ((self.ctx.shell, base.full), (self.target_shell, f"{target}@{base.name}")):
-            try:
-                shell.run(cmd.hold(self.tag, full, self.ctx.zfs))
-            except (SnapshotExists, SnapshotHeld):
-                pass  # already held by us: holds are idempotent here
-        if not old_guid.isdigit() or int(old_guid) == base.guid:
-            return set()
-        # by each side's own listing: the old base may be gone from the source (a bookmark run)
-        for shell, snaps in ((self.ctx.shell, sides.source[dataset]), (self.target_shell, sides.target.get(target))):
-            old = next((s for s in snaps or [] if s.guid == int(old_guid)), None)
-            if old is not None:
-                shell.run(cmd.release(self.tag, old.full, self.ctx.zfs), check=False)
-        return {int(old_guid)}
+    def _hold(self, shell: Shell, full: str) -> None:
+        try:
+            shell.run(cmd.hold(self.tag, full, self.ctx.zfs))
+        except (SnapshotExists, SnapshotHeld):
+            pass  # already held by us: holds are idempotent here
+
+    def _release(self, shell: Shell, full: str) -> None:
+        shell.run(cmd.release(self.tag, full, self.ctx.zfs), check=False)
 
     def _prune_target(self, dataset: str, base: Snapshot, after: Sides) -> list[str]:
         target = self.endpoint.target_dataset(dataset)
@@ -490,6 +510,22 @@ class Replicator:
                                  {"failures": 1, failed.ATTEMPTS: 1}, now)
         pipe.hsetnx(keys.replication_state(node, dataset, self.endpoint.name), failed.FAILING_SINCE, str(now))
         pipe.execute()
+
+
+def at_once(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
+    """`first()` here and `second()` in a thread, at the same time (the two sides' commands: the slower side
+    sets the pace). Both always run to their end; then the first's error is raised, else the second's."""
+    with ThreadPoolExecutor(1, thread_name_prefix="other-side") as pool:
+        later = pool.submit(second)
+        try:
+            a = first()
+        finally:
+            wait([later])
+        return a, later.result()
+
+
+def _by_guid(snaps: Sequence[Snapshot] | None, guid: int | None) -> Snapshot | None:
+    return next((s for s in snaps or [] if s.guid == guid), None) if guid is not None else None
 
 
 def _without_holds(sides: Sides, target: str, released: set[int]) -> Sides:

@@ -10,9 +10,10 @@ import os
 import shlex
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from hoster_tasks.errors import CommandFailed, ConnectionLost, zfs_error
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # annotations only: the CLI's light path imports this module 
     from hoster_tasks.settings import Endpoint
 
 DEFAULT_TIMEOUT = 120.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -132,13 +134,36 @@ class SshShell:
         return self._conn
 
     def run(self, argv: Sequence[str], check: bool = True, timeout: float = DEFAULT_TIMEOUT) -> Result:
+        argv = list(argv)
+        conn = self._named_errors(argv, timeout, self._connection)
+        self._used = True
+        return self._run_on(conn, argv, check, timeout)
+
+    def run_many(self, argvs: Sequence[Sequence[str]], check: bool = True,
+                 timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
+        """Independent commands at the same time, a channel each on the one connection: one round trip
+        instead of one per command. Every command runs to its end; then the first failure is raised."""
+        if len(argvs) < 2:
+            return [self.run(argv, check, timeout) for argv in argvs]
+        first = list(argvs[0])
+        conn = self._named_errors(first, timeout, lambda: _opened(self._connection()))
+        self._used = True
+        with ThreadPoolExecutor(len(argvs) - 1, thread_name_prefix="ssh-channel") as pool:
+            rest = [pool.submit(self._run_on, conn, list(argv), check, timeout) for argv in argvs[1:]]
+            results = [self._run_on(conn, first, check, timeout)]
+            return results + [f.result() for f in rest]
+
+    def _run_on(self, conn: Any, argv: list[str], check: bool, timeout: float) -> Result:
+        res = self._named_errors(argv, timeout, lambda: conn.run(
+            remote_command_line(argv), hide=True, warn=True, in_stream=False, timeout=timeout))
+        return _checked(Result(tuple(argv), res.exited, res.stdout, res.stderr), self.host, check)
+
+    def _named_errors(self, argv: list[str], timeout: float, fn: Callable[[], T]) -> T:
+        """`fn()`, with paramiko's and invoke's errors named (a lost connection is dropped, to reopen)."""
         import paramiko
 
-        argv = list(argv)
         try:
-            conn = self._connection()
-            self._used = True
-            res = conn.run(remote_command_line(argv), hide=True, warn=True, in_stream=False, timeout=timeout)
+            return fn()
         except paramiko.BadHostKeyException as exc:
             raise CommandFailed(argv, 255, f"host key mismatch: {exc}", self.host) from None
         except paramiko.SSHException as exc:
@@ -154,7 +179,6 @@ class SshShell:
                 self._drop()
                 raise ConnectionLost(argv, -1, f"timed out after {timeout:.0f}s", self.host) from None
             raise
-        return _checked(Result(tuple(argv), res.exited, res.stdout, res.stderr), self.host, check)
 
     def process_argv(self, argv: Sequence[str]) -> list[str]:
         return ssh_argv(self.endpoint, argv)
@@ -185,6 +209,11 @@ class KeptSshShell(SshShell):
         with self._lock:
             return super().run(argv, check, timeout)
 
+    def run_many(self, argvs: Sequence[Sequence[str]], check: bool = True,
+                 timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
+        with self._lock:
+            return super().run_many(argvs, check, timeout)
+
     def close(self) -> None:
         pass  # kept for the next task of this process
 
@@ -203,6 +232,19 @@ def kept_ssh(endpoint: Endpoint) -> KeptSshShell:
     if shell is None:
         shell = _KEPT[key] = KeptSshShell(endpoint)
     return shell
+
+
+def _opened(conn: Any) -> Any:
+    conn.open()  # connected here, once: the channels then share it (Fabric's run opens only when needed)
+    return conn
+
+
+def run_many(shell: Shell, argvs: Sequence[Sequence[str]], check: bool = True) -> list[Result]:
+    """Commands that do not depend on each other: at the same time over SSH (`SshShell.run_many`), one
+    after another elsewhere (a local command costs no round trip)."""
+    if isinstance(shell, SshShell):
+        return shell.run_many(argvs, check)
+    return [shell.run(argv, check) for argv in argvs]
 
 
 def shell_for(endpoint: Endpoint | None) -> Shell:

@@ -11,7 +11,7 @@ from hoster_tasks.errors import CommandFailed, DatasetNotFound
 from hoster_tasks.settings import Endpoint
 from hoster_tasks.zfs import ops
 from hoster_tasks.zfs.probe import probe
-from hoster_tasks.zfs.shell import LocalShell, SshShell
+from hoster_tasks.zfs.shell import LocalShell, SshShell, run_many
 
 HOSTILE = "a'b\"c $(touch {m}) `touch {m}` ; touch {m} | cat && touch {m} \\ \n end"
 
@@ -98,3 +98,37 @@ def test_a_kept_connection_serves_every_task_of_a_process_and_reopens_after_a_cu
         assert _accepted(node) - before == 2
     finally:
         shell._drop()
+
+
+def test_run_many_gives_each_commands_result_in_order_through_both_shells(shells, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    hostile = HOSTILE.format(m=marker)
+    for shell in shells:
+        out = run_many(shell, [["printf", "%s", hostile], ["sh", "-c", "echo two; echo err >&2; exit 3"]], check=False)
+        assert [(r.argv[0], r.exit_code, r.stdout, r.stderr) for r in out] == [
+            ("printf", 0, hostile, ""), ("sh", 3, "two\n", "err\n")], shell.host
+        with pytest.raises(CommandFailed) as err:  # checked: the failure is named, with its argv
+            run_many(shell, [["true"], ["sh", "-c", "exit 3"]])
+        assert err.value.argv == ["sh", "-c", "exit 3"] and err.value.exit_code == 3
+    assert not marker.exists()
+
+
+def test_run_many_over_ssh_runs_the_commands_at_the_same_time_on_one_connection(node_factory) -> None:
+    """The first command waits for a file the second one makes: run one after the other, the first would
+    give up (exit 1) before the second started."""
+    from harness.proc import wait_until
+
+    node = node_factory("many")
+    shell = SshShell(Endpoint(**node.endpoint()))
+    flag = f"/tmp/hoster-run-many-{node.name}"
+    try:
+        before = _accepted(node)
+        wait = ["sh", "-c", 'i=0; until [ -e "$1" ]; do i=$((i+1)); [ $i -gt 100 ] && exit 1; sleep 0.1; done',
+                "sh", flag]
+        first, second = shell.run_many([wait, ["touch", flag]])
+        assert first.exit_code == 0 and second.exit_code == 0
+        wait_until(lambda: _accepted(node) - before >= 1, 5, "sshd to log the connection")
+        assert _accepted(node) - before == 1  # one connection, a channel per command
+    finally:
+        shell.run(["rm", "-f", flag], check=False)
+        shell.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 
 from hoster_tasks import keys
-from hoster_tasks.errors import ConnectionLost, Diverged, Permanent, ZfsError, zfs_error
+from hoster_tasks.errors import ConnectionLost, Diverged, Permanent, ReceiveInProgress, ZfsError, zfs_error
 from hoster_tasks.policy.planner import Action, StepKind, target_prune
 from hoster_tasks.replication import replicator as replicator_module
 from hoster_tasks.replication.pipeline import PipelineResult, Stage
@@ -586,8 +587,8 @@ def test_a_failed_resume_is_aborted_and_the_normal_plan_continues(world: World) 
         ["zfs", "send", "-w", "-I", f"{VM1}@{H1}", f"{VM1}@{H3}"],
     ]
     assert [(host, argv) for host, argv in world.log if argv[1:2] != ["get"]] == [
-        (TARGET, ["ps", "-ww", "-A", "-o", "args="]),  # no receive of ours in progress there
-        (TARGET, ["zfs"]),
+        (TARGET, ["zfs"]),  # the probe, once
+        (TARGET, ["ps", "-ww", "-A", "-o", "args="]),  # no receive of ours in progress there (with the listing)
         ("pipeline", [*send_t, "|", *receive_stage(T_VM1)]),
         (TARGET, ["zfs", "receive", "-A", T_VM1]),
         ("local", ["zfs", "send", "-nP", "-w", "-I", f"{VM1}@{H1}", f"{VM1}@{H3}"]),
@@ -682,6 +683,41 @@ def test_finish_moves_base_and_holds_and_prunes_what_target_prune_chose(world: W
     assert verbs.index("set") < verbs.index("destroy")
 
 
+def test_the_old_base_is_released_on_neither_side_before_both_hold_the_new_one(world: World) -> None:
+    """The two sides run at the same time, but in two phases: a side that is quick to hold the new base
+    waits for the other before it releases the old one, so one common snapshot is held on both at every
+    moment (a worker killed in between leaves no copy without a held common snapshot)."""
+    rep = world.replicator()
+    rep.list_sides([VM1])  # probes both hosts before the transfer
+    received(world, T_VM1, VM1, [H2, H3])
+    after = rep.list_sides([VM1])
+    world.reset()
+
+    def slow_hold(argv: list[str]) -> Answer:
+        time.sleep(0.2)  # the target answers late: the source has long held its side by then
+        world.log.append((TARGET, ["(held)"]))  # the log has each command's start; this, the hold's end
+        return OK
+
+    world.tgt.prefix[("zfs", "hold")] = slow_hold
+    rep.finish(VM1, after)
+
+    events = [(host, argv[1] if len(argv) > 1 else argv[0]) for host, argv in world.log
+              if argv[1:2] in (["hold"], ["release"]) or argv == ["(held)"]]
+    assert sorted(events[:3]) == [(TARGET, "(held)"), (TARGET, "hold"), ("local", "hold")]
+    assert sorted(events[3:]) == [(TARGET, "release"), ("local", "release")]
+
+
+def test_a_receive_running_into_the_target_is_busy_read_with_the_listing(world: World) -> None:
+    rep = world.replicator()
+    rep.list_sides([VM1])  # probes both hosts
+    world.reset()
+    world.tgt.prefix[("ps",)] = (0, f"/usr/sbin/sshd -D\nzfs receive -s -u {T_VM1}\n", "")
+    with pytest.raises(ReceiveInProgress, match=f"{TARGET}:{T_VM1} has a zfs receive in progress"):
+        rep.prepare(VM1)
+    assert world.tgt.calls[0] == ["ps", "-ww", "-A", "-o", "args="] and world.tgt.calls[1][1] == "get"
+    assert world.pipeline.transfers == [] and destructive(world.log) == []
+
+
 def test_finish_marks_a_new_copy_with_its_parent_and_read_only(world: World) -> None:
     rep = world.replicator()
     rep.list_sides([VM3])  # probes both hosts before the transfer
@@ -764,7 +800,9 @@ def test_a_target_owned_by_another_node_is_refused_before_anything_is_sent(world
     with pytest.raises(Permanent, match="belongs to node 'node7'"):
         rep.plan(WEB, sides)
     assert world.pipeline.transfers == []
-    assert commands(world.log) == [["zfs"], world.src.calls[1], ["zfs"], world.tgt.calls[1]]  # probes, listings
+    # each host: its probe, then its listing (the two hosts at the same time); nothing else ran anywhere
+    assert len(commands(world.log)) == 4 and len(world.src.calls) == len(world.tgt.calls) == 2
+    assert world.src.calls[0] == world.tgt.calls[0] == ["zfs"]
     assert world.src.calls[1][1] == world.tgt.calls[1][1] == "get"
 
 
