@@ -8,10 +8,12 @@ datasets, each already holding `--keep` snapshots of every tool, a private redis
 `python -m hoster_tasks worker` for that root, and then times, each run taking one hourly snapshot of every
 VM and pruning one:
 
-- floor     the fewest ZFS commands this host's ZFS allows for the same result: one atomic multi-name
-            `zfs snapshot` where the ZFS takes several names (OpenZFS), else `zfs snapshot -r root@s` (the VM
+- floor     the fewest ZFS commands this host's ZFS allows for the same result, the names known: one atomic
+            multi-name `zfs snapshot` where the ZFS takes several names (OpenZFS), else `zfs snapshot -r root@s` (the VM
             set is exactly the root's children) followed by `zfs destroy root@s` (the root is not a VM); then
             the oldest snapshot of every VM destroyed, one call per dataset, 8 in parallel;
+- floor + listing   the same after one recursive `zfs get` of the root, the oldest chosen from it: a real job
+            cannot know which snapshot is oldest (or that the root's children are exactly the VMs) unread;
 - hoster-tasks   `hoster-tasks snapshot all --stype hourly --keep K` (CLI wall time; the worker's take_all
             duration from its log);
 - sanoid    `sanoid --cron` (hourly = K, recursive, process_children_only), with its clock advanced an hour
@@ -51,6 +53,7 @@ _TASK_DONE, Report, machine_info, say = (_replication._TASK_DONE, _replication.R
                                          _replication.say)  # fmt: skip
 
 TOOLS = ("floor", "hoster-tasks", "sanoid")
+RUNS = ("floor", "floor + listing", "hoster-tasks", "sanoid")  # the floor's two rows take floor snapshots
 LONG = 3600.0
 FLOOR_PARALLEL = 8  # as many as hoster-tasks runs (snapshots.PRUNE_PARALLEL): 8 beat 4 on zfs-fuse here
 SANOID_CONF = """\
@@ -84,6 +87,20 @@ def snapshot_names(root: str) -> dict[str, list[str]]:
         if "@" in name:
             ds, short = name.split("@", 1)
             by_ds.setdefault(ds, []).append((int(txg), short))
+    return {ds: [s for _, s in sorted(v)] for ds, v in by_ds.items()}
+
+
+def floor_snapshots(root: str) -> dict[str, list[str]]:
+    """{VM dataset: its floor snapshots, oldest first}, from the listing retention needs (guid, createtxg,
+    userrefs of every snapshot under the root: the same `zfs get` as hoster-tasks' take_all)."""
+    out = zfs("get", "-Hp", "-r", "-o", "name,property,value", "guid,createtxg,userrefs", root).stdout
+    by_ds: dict[str, list[tuple[int, str]]] = {}
+    for line in out.splitlines():
+        name, prop, value = line.split("\t")
+        if prop == "createtxg" and "@" in name:
+            ds, short = name.split("@", 1)
+            if kind(short) == "floor":
+                by_ds.setdefault(ds, []).append((int(value), short))
     return {ds: [s for _, s in sorted(v)] for ds, v in by_ds.items()}
 
 
@@ -181,11 +198,15 @@ class Size:
         return names
 
     # -- the tools -------------------------------------------------------------------------------------
-    def floor(self, names: dict[str, list[str]]) -> float:
+    def floor(self, names: dict[str, list[str]], read: bool = False) -> float:
+        """`read`: first one recursive listing of the root (what retention needs to know: names, order,
+        holds; the very `zfs get` hoster-tasks makes) and the oldest chosen from it, not from `names`."""
         short = f"benchfloor-{self.floor_runs:05d}"
         self.floor_runs += 1
-        oldest = {ds: next(s for s in snaps if kind(s) == "floor") for ds, snaps in names.items()}
         started = time.perf_counter()
+        if read:
+            names = floor_snapshots(self.root)
+        oldest = {ds: next(s for s in snaps if kind(s) == "floor") for ds, snaps in names.items()}
         if self.b.multi_snapshot:
             zfs("snapshot", *(f"{ds}@{short}" for ds in self.vms))
         else:
@@ -271,6 +292,9 @@ def scenario_size(b: Bench, report: Report, n: int) -> None:
     how = "multi-name zfs snapshot" if b.multi_snapshot else "zfs snapshot -r root@s + zfs destroy root@s"
     report.row(sc, "floor", datasets=n, baseline=True,
                note=f"{how}; then {n} destroys, one per dataset, {FLOOR_PARALLEL} in parallel")  # fmt: skip
+    report.row(sc, "floor + listing", datasets=n,
+               note="the floor after one `zfs get -Hp -r guid,createtxg,userrefs` of the root, the oldest chosen "
+                    "from it (retention must read what exists)")  # fmt: skip
     report.row(sc, "hoster-tasks: CLI", datasets=n, note="hoster-tasks snapshot all --stype hourly --keep K")
     report.row(sc, "hoster-tasks: worker task", datasets=n, note="take_all's own duration (worker log)")
     with_sanoid = n <= b.args.sanoid_max_vms
@@ -278,17 +302,17 @@ def scenario_size(b: Bench, report: Report, n: int) -> None:
         report.row(sc, "sanoid", datasets=n, note="faketime +1h per run; sanoid --cron, recursive, children only")
     try:
         for rep in range(b.args.repeat):
-            for tool in rotated(TOOLS, rep):
+            for tool in rotated(RUNS, rep):
                 if tool == "sanoid" and (not with_sanoid or rep >= b.args.sanoid_repeat):
                     continue
                 before = size.check()
-                if tool == "floor":
-                    secs = size.floor(before)
+                if tool in ("floor", "floor + listing"):
+                    secs = size.floor(before, read=tool != "floor")
                 elif tool == "hoster-tasks":
                     secs = size.hoster(report, sc)
                 else:
                     secs = size.sanoid()
-                size.check(tool, before)
+                size.check(tool.split()[0], before)
                 report.row(sc, "hoster-tasks: CLI" if tool == "hoster-tasks" else tool).seconds.append(secs)
                 say(f"  run {rep + 1}/{b.args.repeat} {tool}: {secs:.2f}s ({secs / n * 1000:.1f} ms/VM)")
         if n == min(b.args.vms):
