@@ -8,16 +8,18 @@ deferred, and the replication runs it when it has recorded its base (`run_deferr
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import redis
 
 from hoster_tasks import keys
+from hoster_tasks.at_once import at_once
 from hoster_tasks.errors import Busy, InvalidName, Permanent, SnapshotExists
 from hoster_tasks.locks import DatasetLock, LockGroup, LockSpec, join_takers_many, leave_takers_many
 from hoster_tasks.names import make_snapshot_name, validate_snapshot, validate_stype
@@ -162,26 +164,50 @@ def list_for_take(ctx: NodeContext, datasets: Sequence[str]) -> Listing:
     return Listing({ds: snaps.get(ds, []) for ds in datasets}, bases, under)
 
 
-def _take_atomic(ctx: NodeContext, datasets: Sequence[str], short: str, listing: Listing) -> list[str]:
+@dataclass(frozen=True)
+class Taken:
+    """What a snapshot call took. After a recursive snapshot, `checks` remain: each drops what the call took
+    of datasets that appeared under its root in between, and returns what it did not take (a VM removed in
+    between). They run beside the prune (`confirmed`), which does not depend on them."""
+
+    names: list[str]
+    checks: tuple[Callable[[], list[str]], ...] = ()
+
+    def confirmed(self) -> list[str]:
+        gone = {n for check in self.checks for n in check()}
+        return [n for n in self.names if n not in gone]
+
+
+def _take_atomic(ctx: NodeContext, datasets: Sequence[str], short: str, listing: Listing) -> Taken:
     """One multi-name call where the host has it; else `zfs snapshot -r` for each root whose descendants are
     exactly the datasets asked for (never a dataset the caller did not name: a backup copy, a VM being
     rolled back or a VM's own child rules it out), and one call per dataset for the rest."""
     if ctx.caps.multi_snapshot or len(datasets) < 2:
-        return ops.take_snapshots(ctx.shell, datasets, short, ctx.caps, ctx.zfs)
+        return Taken(ops.take_snapshots(ctx.shell, datasets, short, ctx.caps, ctx.zfs))
     groups: dict[str, list[str]] = {}
     for ds in datasets:
         groups.setdefault(_root_of(ds), []).append(ds)
     taken: list[str] = []
+    checks: list[Callable[[], list[str]]] = []
     rest: list[str] = []
-    for root, members in groups.items():
-        if len(members) > 1 and listing.under.get(root) == set(members):
-            taken += ops.take_recursive(ctx.shell, root, members, short, ctx.zfs)
-        else:
-            rest += members
-    return taken + (ops.take_snapshots(ctx.shell, rest, short, ctx.caps, ctx.zfs) if rest else [])
+    try:
+        for root, members in groups.items():
+            if len(members) > 1 and listing.under.get(root) == set(members):
+                ops.snapshot_tree(ctx.shell, root, short, ctx.zfs)
+                taken += [f"{ds}@{short}" for ds in members]
+                checks.append(partial(ops.drop_strays, ctx.shell, root, members, short, ctx.zfs))
+            else:
+                rest += members
+        if rest:
+            taken += ops.take_snapshots(ctx.shell, rest, short, ctx.caps, ctx.zfs)
+    except BaseException:
+        for check in checks:  # a recursive snapshot already taken never leaves a stray behind
+            check()
+        raise
+    return Taken(taken, tuple(checks))
 
 
-def _snapshot_slot(ctx: NodeContext, datasets: Sequence[str], stype: str, slot: int, listing: Listing) -> list[str]:
+def _snapshot_slot(ctx: NodeContext, datasets: Sequence[str], stype: str, slot: int, listing: Listing) -> Taken:
     """At most one snapshot per (dataset, type, beat slot), however many fan-outs of the slot arrive: it is
     named after the slot's tick, so ZFS itself refuses a second one. No Redis marker: ZFS is the record,
     it cannot outlive a failed snapshot, and it survives a Redis failover. Returns what this call took."""
@@ -190,19 +216,19 @@ def _snapshot_slot(ctx: NodeContext, datasets: Sequence[str], stype: str, slot: 
     for attempt in range(NAME_ATTEMPTS):
         todo = [ds for ds in datasets if all(s.name != short for s in listed.get(ds, []))]
         if not todo:
-            return []
+            return Taken([])
         try:
             return _take_atomic(ctx, todo, short, listing)
         except SnapshotExists:  # a concurrent job of the same slot took some: snapshot the rest
             if attempt == NAME_ATTEMPTS - 1:
                 raise
             listed = ops.list_snapshots(ctx.shell, datasets, ctx.caps, ctx.zfs)
-    return []
+    return Taken([])
 
 
 def _snapshot_now(
     ctx: NodeContext, datasets: Sequence[str], stype: str, now: datetime, listing: Listing, slot: int | None = None
-) -> list[str]:
+) -> Taken:
     if slot is not None:
         return _snapshot_slot(ctx, datasets, stype, slot, listing)
     existing = {s.name for snaps in listing.snaps.values() for s in snaps}
@@ -214,7 +240,7 @@ def _snapshot_now(
             if attempt == NAME_ATTEMPTS - 1:
                 raise
             existing.add(short)
-    return []
+    return Taken([])
 
 
 def _with_taken(snaps: dict[str, list[Snapshot]], taken: Sequence[str]) -> dict[str, list[Snapshot]]:
@@ -242,21 +268,29 @@ def take(
     validate_stype(stype)
     if keep is not None:
         check_keep(keep)
-    destroyed: list[str] = []
-    spared: list[str] = []
-    deferred: list[str] = []
     with ExitStack() as stack:  # snapshot jobs exclude only a rollback, never each other
         free = sorted(_join_takers(ctx, stack, datasets))
         locks = _lock_free(ctx, stack, free) if keep is not None else {}
         listing = list_for_take(ctx, free) if free else Listing({}, {}, {})
-        taken = _snapshot_now(ctx, free, stype, now, listing, slot) if free else []
-        record_snapshots(ctx, taken, now)
-        if keep is not None:
+        started = _snapshot_now(ctx, free, stype, now, listing, slot) if free else Taken([])
+
+        def retention() -> tuple[list[str], list[str], list[str]]:
+            if keep is None:
+                return [], [], []
             deferred = [ds for ds in free if ds not in locks]
             defer_prune(ctx, deferred, stype, keep)
-            if locks:
-                after = _with_taken({ds: listing.snaps[ds] for ds in sorted(locks)}, taken)
-                destroyed, spared = prune(ctx, after, stype, keep, listing.bases, locks)
+            if not locks:
+                return [], [], deferred
+            after = _with_taken({ds: listing.snaps[ds] for ds in sorted(locks)}, started.names)
+            return (*prune(ctx, after, stype, keep, listing.bases, locks), deferred)
+
+        def record() -> list[str]:  # recorded even when the prune fails: the snapshots exist
+            confirmed = started.confirmed()
+            record_snapshots(ctx, confirmed, now)
+            return confirmed
+
+        # the recursive snapshot's stray check and the prune touch different snapshots: both at once
+        taken, (destroyed, spared, deferred) = at_once(record, retention)
     rolling_back = [ds for ds in datasets if ds not in free]
     if rolling_back:  # the task retries these alone, up to lock_wait_seconds
         raise Busy(f"busy: a rollback holds {', '.join(rolling_back)}", rolling_back, taken)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any
 
 from hoster_tasks import failed, keys
+from hoster_tasks.at_once import at_once
 from hoster_tasks.errors import (
     Diverged,
     EncryptedSendRefused,
@@ -45,8 +45,6 @@ from hoster_tasks.zfs.probe import Capabilities, probe
 from hoster_tasks.zfs.shell import Result, Shell, run_many, shell_for
 
 ProgressFn = Callable[[dict[str, Any]], None]
-A = TypeVar("A")
-B = TypeVar("B")
 
 
 @dataclass(frozen=True)
@@ -510,18 +508,6 @@ class Replicator:
                                  {"failures": 1, failed.ATTEMPTS: 1}, now)
         pipe.hsetnx(keys.replication_state(node, dataset, self.endpoint.name), failed.FAILING_SINCE, str(now))
         pipe.execute()
-
-
-def at_once(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
-    """`first()` here and `second()` in a thread, at the same time (the two sides' commands: the slower side
-    sets the pace). Both always run to their end; then the first's error is raised, else the second's."""
-    with ThreadPoolExecutor(1, thread_name_prefix="other-side") as pool:
-        later = pool.submit(second)
-        try:
-            a = first()
-        finally:
-            wait([later])
-        return a, later.result()
 
 
 def _by_guid(snaps: Sequence[Snapshot] | None, guid: int | None) -> Snapshot | None:

@@ -99,26 +99,30 @@ def descendants(shell: Shell, root: str, zfs: str = cmd.ZFS) -> set[str]:
     return {n for n in parse_names(shell.run(cmd.list_children([root], zfs)).stdout) if n != root and "@" not in n}
 
 
-def take_recursive(shell: Shell, root: str, expected: Sequence[str], short: str, zfs: str = cmd.ZFS) -> list[str]:
-    """`zfs snapshot -r root@short` where the caller saw exactly `expected` under `root`, then the root's own
-    snapshot destroyed (the root is not a VM). A dataset that appeared under the root in between is not
-    left with a snapshot nobody asked for: its snapshot of this very call (same createtxg as the root's)
-    is destroyed too. Returns the snapshots taken of `expected` (one removed in between is not among them)."""
-    root_snap = f"{root}@{short}"
+def snapshot_tree(shell: Shell, root: str, short: str, zfs: str = cmd.ZFS) -> None:
+    """`zfs snapshot -r root@short` (atomic: one txg for every dataset under the root), then the root's own
+    snapshot destroyed at once (the root is not a VM). `drop_strays` is the other half."""
     shell.run(cmd.snapshot_recursive(root, short, zfs))
-    try:
-        now = descendants(shell, root, zfs)
-        strays = sorted(now - set(expected))
-        if strays:
-            argv = cmd.get_snapshot_props([root_snap, *(f"{ds}@{short}" for ds in strays)], ["createtxg"], zfs)
-            txgs = parse_get(shell.run(argv, check=False).stdout)
-            ours = txgs.get(root_snap, {}).get("createtxg")
-            for ds in strays:
-                if ours is not None and txgs.get(f"{ds}@{short}", {}).get("createtxg") == ours:
-                    shell.run(cmd.destroy_snapshot(f"{ds}@{short}", zfs))
-    finally:
-        shell.run(cmd.destroy_snapshot(root_snap, zfs))
-    return [f"{ds}@{short}" for ds in expected if ds in now]
+    shell.run(cmd.destroy_snapshot(f"{root}@{short}", zfs))
+
+
+def drop_strays(shell: Shell, root: str, expected: Sequence[str], short: str, zfs: str = cmd.ZFS) -> list[str]:
+    """After `snapshot_tree`, where the caller saw exactly `expected` under `root`: a dataset that appeared
+    under the root in between is not left with a snapshot nobody asked for; its snapshot of that very call
+    (the createtxg of the VMs') is destroyed. Returns what the call did not take of `expected` (a dataset
+    removed in between)."""
+    now = descendants(shell, root, zfs)
+    present = [ds for ds in expected if ds in now]
+    strays = sorted(now - set(expected))
+    if strays and present:
+        ref = f"{present[0]}@{short}"
+        argv = cmd.get_snapshot_props([ref, *(f"{ds}@{short}" for ds in strays)], ["createtxg"], zfs)
+        txgs = parse_get(shell.run(argv, check=False).stdout)
+        ours = txgs.get(ref, {}).get("createtxg")
+        for ds in strays:
+            if ours is not None and txgs.get(f"{ds}@{short}", {}).get("createtxg") == ours:
+                shell.run(cmd.destroy_snapshot(f"{ds}@{short}", zfs))
+    return [f"{ds}@{short}" for ds in expected if ds not in now]
 
 
 def destroy_snapshot(shell: Shell, full: str, zfs: str = cmd.ZFS) -> None:

@@ -1,4 +1,4 @@
-"""replicator.at_once: the two sides' commands at the same time, each run to its end, errors not lost."""
+"""at_once (hoster_tasks/at_once.py): the two sides' commands at the same time, each run to its end, errors not lost."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from hoster_tasks.replication.replicator import at_once
+from hoster_tasks.at_once import at_once
 
 
 def test_both_run_at_the_same_time() -> None:

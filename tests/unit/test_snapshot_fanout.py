@@ -1,4 +1,4 @@
-"""Snapshot fan-out at the fewest ZFS commands (hoster_tasks/snapshots.py take, zfs/ops.py take_recursive), by
+"""Snapshot fan-out at the fewest ZFS commands (hoster_tasks/snapshots.py take, zfs/ops.py snapshot_tree), by
 the exact argv lists on a scripted host (tests/unit/zfs_script.py) and a real private Redis for the locks:
 
 - OpenZFS: one multi-name `zfs snapshot a@s b@s ...`, never `-r`;
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -187,6 +188,34 @@ def test_a_dataset_that_appears_before_the_recursive_snapshot_loses_it_again(set
     assert zfs.snapshots_of(newcomer) == []
     assert zfs.snapshots_of(ROOT) == []
     assert out["taken"] == [f"{ds}@{NEW}" for ds in vms]
+
+
+def test_the_roots_snapshot_goes_at_once_and_the_stray_check_runs_beside_the_prune(settings: Settings,
+                                                                                  private_redis: Any) -> None:
+    """The root's own snapshot is destroyed right after the `-r` (never left for later); the check for
+    datasets that appeared in between (a `zfs list -r`) and the prune's destroys touch different snapshots
+    and run at the same time: a prune destroy starts while the check's listing is still running."""
+    zfs, vms = world(ZFS_FUSE_USAGE)
+    listing = zfs.answers[("zfs", "list")]
+
+    def slow_list(argv: list[str]) -> Answer:
+        time.sleep(0.3)
+        answer = listing(argv)
+        zfs.calls.append(["(listed)"])  # calls has each command's start; this, the listing's end
+        return answer
+
+    zfs.answers[("zfs", "list")] = slow_list
+
+    out = run_take(zfs, settings, private_redis, vms)
+
+    order = [c for c in zfs.calls if c[:2] in (["zfs", "snapshot"], ["zfs", "destroy"], ["zfs", "list"])
+             or c == ["(listed)"]]
+    assert order[:3] == [["zfs", "snapshot", "-r", f"{ROOT}@{NEW}"], ["zfs", "destroy", f"{ROOT}@{NEW}"],
+                         ["zfs", "list", "-H", "-o", "name", "-r", ROOT]]
+    prune_destroys = [i for i, c in enumerate(order) if c[:2] == ["zfs", "destroy"] and OLD[0] in c[2]]
+    assert len(prune_destroys) == len(vms) and prune_destroys[0] < order.index(["(listed)"])
+    assert out["taken"] == [f"{ds}@{NEW}" for ds in vms]
+    assert sorted(out["destroyed"]) == sorted(f"{ds}@{OLD[0]}" for ds in vms)
 
 
 def test_pruning_spares_the_base_and_a_held_snapshot(settings: Settings, private_redis: Any) -> None:
