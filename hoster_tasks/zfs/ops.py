@@ -48,15 +48,30 @@ def snapshot_props(caps: Capabilities) -> tuple[str, ...]:
     return cmd.SNAPSHOT_PROPS + (("clones",) if caps.clones_property else ())
 
 
-def child_datasets(shell: Shell, roots: Sequence[str], zfs: str = cmd.ZFS) -> list[str]:
-    """Direct children of the roots (the VMs); roots that do not exist are skipped."""
-    out: list[str] = []
-    for root in roots:  # one call per root: a missing root must not hide the others
+def children_props(
+    shell: Shell, roots: Sequence[str], props: Sequence[str], zfs: str = cmd.ZFS
+) -> dict[str, dict[str, str]]:
+    """{direct child of a root: {prop: value}}, one `zfs list -o` per root (a missing root is skipped, and
+    does not hide the others). A line whose values hold a tab (a user property set by hand) cannot be split
+    by position: those datasets are read again with `zfs get`, whose lines can."""
+    out: dict[str, dict[str, str]] = {}
+    unsure: list[str] = []
+    for root in roots:
         try:
-            names = parse_names(shell.run(cmd.list_children([root], zfs)).stdout)
+            text = shell.run(cmd.list_children_props(root, props, zfs)).stdout
         except DatasetNotFound:
             continue
-        out += [n for n in names if "@" not in n and n.count("/") == root.count("/") + 1]
+        for line in text.splitlines():
+            name, _, rest = line.partition("\t")
+            if "@" in name or name.count("/") != root.count("/") + 1:
+                continue
+            values = rest.split("\t")
+            if len(values) == len(props):
+                out[name] = dict(zip(props, values, strict=True))
+            else:
+                unsure.append(name)
+    if unsure:
+        out.update(get_properties(shell, unsure, props, zfs=zfs))
     return out
 
 

@@ -42,7 +42,8 @@ def test_odd_but_valid_dataset_name_through_both_shells(shells, pool_factory) ->
         caps = probe(shell)
         snaps = ops.list_snapshots(shell, [odd], caps)
         assert [s.full for s in snaps[odd]] == [f"{odd}@custom_2026-01-01_00-00-00"], shell.host
-        assert ops.child_datasets(shell, [pool.ds("vm")]) == [odd]
+        parent = ops.PARENT_PROPERTY
+        assert ops.children_props(shell, [pool.ds("vm")], [parent]) == {odd: {parent: "-"}}
 
 
 def test_errors_are_named_with_argv_exit_code_and_stderr_in_both_shells(shells, pool_factory) -> None:

@@ -61,6 +61,8 @@ class Host:
             return reply(argv) if callable(reply) else reply
         if argv[:2] == ["zfs", "get"]:
             return self._get(argv)
+        if argv[:4] == ["zfs", "list", "-H", "-o"] and argv[5] == "-r":
+            return self._list(argv)
         raise AssertionError(f"[{self.host}] unscripted command: {argv}")
 
     def _get(self, argv: list[str]) -> Answer:
@@ -75,6 +77,15 @@ class Host:
             found = [name] + ([n for n in self.objects if n.startswith(name + "@")] if "-r" in argv else [])
             out += [f"{n}\t{p}\t{self.objects[n].get(p, '-')}\n" for n in found for p in props]
         return (1 if err else 0), "".join(out), "".join(err)
+
+    def _list(self, argv: list[str]) -> Answer:
+        """`zfs list -H -o name,prop,... -r root`: the root and every filesystem under it, values by tabs."""
+        fields, root = argv[4].split(","), argv[6]
+        if root not in self.objects:
+            return 1, "", f"cannot open '{root}': dataset does not exist\n"
+        names = [n for n in self.objects if "@" not in n and (n == root or n.startswith(root + "/"))]
+        rows = ["\t".join([n, *(self.objects[n].get(f, "-") for f in fields[1:])]) for n in names]
+        return 0, "".join(row + "\n" for row in rows), ""
 
     def process_argv(self, argv: Sequence[str]) -> list[str]:
         return list(argv) if self.endpoint is None else ssh_argv(self.endpoint, argv)
