@@ -48,6 +48,8 @@ from benchkit import LocalBed, bench_module, local_bed, on_signals_interrupt, te
 from harness import Worker  # noqa: E402
 from harness.proc import HarnessError, ensure_sbin_on_path, run  # noqa: E402
 
+from hoster_tasks.snapshots import RETENTION_PROPS  # noqa: E402
+
 _replication = bench_module("replication")  # bench/replication.py: its report table, machine info, log lines
 _TASK_DONE, Report, machine_info, say = (_replication._TASK_DONE, _replication.Report, _replication.machine_info,
                                          _replication.say)  # fmt: skip
@@ -78,29 +80,16 @@ def zfs(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return run(["zfs", *argv], check=check, timeout=LONG)
 
 
-def snapshot_names(root: str) -> dict[str, list[str]]:
-    """{VM dataset: [snapshot names, oldest first by createtxg]} for every child of `root`."""
-    out = zfs("get", "-Hp", "-r", "-o", "name,value", "createtxg", root).stdout
-    by_ds: dict[str, list[tuple[int, str]]] = {}
-    for line in out.splitlines():
-        name, txg = line.split("\t")
-        if "@" in name:
-            ds, short = name.split("@", 1)
-            by_ds.setdefault(ds, []).append((int(txg), short))
-    return {ds: [s for _, s in sorted(v)] for ds, v in by_ds.items()}
-
-
-def floor_snapshots(root: str) -> dict[str, list[str]]:
-    """{VM dataset: its floor snapshots, oldest first}, from the listing retention needs (guid, createtxg,
-    userrefs of every snapshot under the root: the same `zfs get` as hoster-tasks' take_all)."""
-    out = zfs("get", "-Hp", "-r", "-o", "name,property,value", "guid,createtxg,userrefs", root).stdout
+def snapshot_names(root: str, props: Sequence[str] = ("createtxg",)) -> dict[str, list[str]]:
+    """{VM dataset: [snapshot names, oldest first by createtxg]} for every child of `root`, from one
+    `zfs get -r` of `props` (which holds createtxg; the floor's read asks what retention reads)."""
+    out = zfs("get", "-Hp", "-r", "-o", "name,property,value", ",".join(props), root).stdout
     by_ds: dict[str, list[tuple[int, str]]] = {}
     for line in out.splitlines():
         name, prop, value = line.split("\t")
         if prop == "createtxg" and "@" in name:
             ds, short = name.split("@", 1)
-            if kind(short) == "floor":
-                by_ds.setdefault(ds, []).append((int(value), short))
+            by_ds.setdefault(ds, []).append((int(value), short))
     return {ds: [s for _, s in sorted(v)] for ds, v in by_ds.items()}
 
 
@@ -205,7 +194,7 @@ class Size:
         self.floor_runs += 1
         started = time.perf_counter()
         if read:
-            names = floor_snapshots(self.root)
+            names = snapshot_names(self.root, RETENTION_PROPS)  # take_all's `zfs get` (no targets here)
         oldest = {ds: next(s for s in snaps if kind(s) == "floor") for ds, snaps in names.items()}
         if self.b.multi_snapshot:
             zfs("snapshot", *(f"{ds}@{short}" for ds in self.vms))
