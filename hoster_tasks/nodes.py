@@ -52,8 +52,9 @@ PARTLY_RECEIVED = "(partly received)"  # the parent of an unmarked copy whose re
 
 
 def inventory(shell: Shell, settings: Settings, caps: Capabilities) -> list[VmInfo]:
-    """The VM datasets under the configured roots, with their parent node (one batched property read):
-    `hoster-tasks:parent`, else Hoster's `parent_host` in the VM's vm_config.json, else this node."""
+    """The VM datasets under the configured roots, with their parent node (one walk of each root reads names
+    and properties together): `hoster-tasks:parent`, else Hoster's `parent_host` in the VM's vm_config.json,
+    else this node."""
     props = ops.children_props(shell, settings.datasets, _vm_props(caps), settings.zfs_command)
     return [VmInfo(vm, ds, _parent(found, settings.node_name))
             for ds, found in props.items() if (vm := vm_of(ds, settings.datasets)) is not None]

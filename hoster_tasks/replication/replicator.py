@@ -131,7 +131,7 @@ class Replicator:
         targets = [self.endpoint.target_dataset(ds) for ds in datasets]
         raw, (tgt_raw, missing) = at_once(
             lambda: ops.get_properties(self.ctx.shell, datasets, src_props, True, self.ctx.zfs),
-            lambda: self._list_target(datasets, check_receive),
+            lambda: self._list_target(dict(zip(targets, datasets, strict=True)), check_receive),
         )
         by_dataset = snapshots_from_get(raw)
         source = {ds: by_dataset.get(ds, []) for ds in datasets}
@@ -141,15 +141,15 @@ class Replicator:
         return Sides(source, {ds: raw.get(ds, {}) for ds in datasets}, target,
                      {t: tgt_raw.get(t, {}) for t in targets}, {ds: marks.get(ds, []) for ds in datasets})
 
-    def _list_target(self, datasets: Sequence[str], check_receive: bool) -> tuple[dict[str, dict[str, str]], set[str]]:
-        targets = [self.endpoint.target_dataset(ds) for ds in datasets]
+    def _list_target(self, targets: dict[str, str], check_receive: bool) -> tuple[dict[str, dict[str, str]], set[str]]:
+        """`targets`: {target dataset: its source dataset}."""
         props = ops.snapshot_props(self.target_caps) + (ops.PARENT_PROPERTY,)
         if self.target_caps.resumable:
             props += (ops.RESUME_TOKEN,)
         argv = cmd.get_props(targets, props, recursive=True, zfs=self.ctx.zfs)
         if check_receive:
             ps, result = run_many(self.target_shell, [cmd.process_args(), argv], check=False)
-            self._refuse_receiving(ps, datasets)
+            self._refuse_receiving(ps, targets)
         else:
             result = self.target_shell.run(argv, check=False)
         missing = {t for t in targets if f"'{t}'" in result.stderr and "does not exist" in result.stderr}
@@ -228,14 +228,13 @@ class Replicator:
             return sides
         return self.list_sides([dataset])
 
-    def _refuse_receiving(self, ps: Result, datasets: Sequence[str]) -> None:
+    def _refuse_receiving(self, ps: Result, targets: dict[str, str]) -> None:
         """Busy (retried later), never diverged, while a `zfs receive` into a target runs there: a transfer
         that outlived its worker's lease, or another tool's, whose half-received dataset would look diverged.
         Syncoid checks the same before it starts."""
         if ps.exit_code != 0:
             raise zfs_error(ps.argv, ps.exit_code, ps.stderr, self.target_shell.host)
-        for dataset in datasets:
-            target = self.endpoint.target_dataset(dataset)
+        for target, dataset in targets.items():
             if receive_in_progress(ps.stdout, target):
                 raise ReceiveInProgress(
                     f"target {self.endpoint.name}:{target} has a zfs receive in progress; retrying later", [dataset]
